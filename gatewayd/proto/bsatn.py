@@ -113,9 +113,7 @@ class Reader:
     def _need(self, n: int, what: str) -> int:
         p = self.pos
         if n > self.end - p:
-            raise DecodeError(
-                f"truncated: {what} needs {n} bytes, {self.end - p} left", offset=p
-            )
+            raise DecodeError(f"truncated: {what} needs {n} bytes, {self.end - p} left", offset=p)
         self.pos = p + n
         return p
 
@@ -185,8 +183,7 @@ class Reader:
                 )
         elif n > MAX_ZERO_SIZED_ELEMENTS:
             raise DecodeError(
-                f"{what} of zero-sized elements declares {n} elements "
-                f"(more than {MAX_ZERO_SIZED_ELEMENTS})",
+                f"{what} of zero-sized elements declares {n} elements (more than {MAX_ZERO_SIZED_ELEMENTS})",
                 offset=p,
             )
         return n
@@ -295,9 +292,7 @@ def _fixed_size(ts: Typespace, ty: AlgebraicType, depth: int = 0) -> int | None:
 # --- the interpretive decoder (precise errors; also the reference for the compiled one) ----------
 
 
-def _slow_decode(
-    ts: Typespace, ty: AlgebraicType, r: Reader, path: str, safe: bool, depth: int = 0
-) -> Any:
+def _slow_decode(ts: Typespace, ty: AlgebraicType, r: Reader, path: str, safe: bool, depth: int = 0) -> Any:
     try:
         return _slow_decode_inner(ts, ty, r, path, safe, depth)
     except DecodeError as exc:
@@ -306,9 +301,7 @@ def _slow_decode(
         raise DecodeError(exc.reason, path=path, offset=exc.offset) from None
 
 
-def _slow_decode_inner(
-    ts: Typespace, ty: AlgebraicType, r: Reader, path: str, safe: bool, depth: int
-) -> Any:
+def _slow_decode_inner(ts: Typespace, ty: AlgebraicType, r: Reader, path: str, safe: bool, depth: int) -> Any:
     if depth > 256:
         raise DecodeError("value nests deeper than 256 levels", path=path, offset=r.pos)
     ty = ts.resolve(ty)
@@ -345,8 +338,7 @@ def _slow_decode_inner(
     if isinstance(ty, Product):
         if ty.elements and all(e.name is None for e in ty.elements):
             return [
-                _slow_decode(ts, e.ty, r, f"{path}[{i}]", safe, depth + 1)
-                for i, e in enumerate(ty.elements)
+                _slow_decode(ts, e.ty, r, f"{path}[{i}]", safe, depth + 1) for i, e in enumerate(ty.elements)
             ]
         return {
             (e.name if e.name is not None else str(i)): _slow_decode(
@@ -445,7 +437,7 @@ class _Compiler:
 
     def build(self, ty: AlgebraicType) -> DecodeFn:
         name = self.func(ty)
-        exec(compile("\n".join(self.sources), "<bsatn-compiled>", "exec"), self.ns)  # noqa: S102
+        exec(compile("\n".join(self.sources), "<bsatn-compiled>", "exec"), self.ns)
         fn: DecodeFn = self.ns[name]
         return fn
 
@@ -461,15 +453,27 @@ class _Compiler:
             if n == "Bool":
                 return fmt, "({x} == 1)", True
             if n == "U64":
-                return fmt, ("({x} if {x} <= 9007199254740991 else str({x}))" if safe else "{x}"), False
+                return (
+                    fmt,
+                    ("({x} if {x} <= 9007199254740991 else str({x}))" if safe else "{x}"),
+                    False,
+                )
             if n == "I64":
-                return fmt, (
-                    "({x} if -9007199254740991 <= {x} <= 9007199254740991 else str({x}))"
-                    if safe
-                    else "{x}"
-                ), False
+                return (
+                    fmt,
+                    (
+                        "({x} if -9007199254740991 <= {x} <= 9007199254740991 else str({x}))"
+                        if safe
+                        else "{x}"
+                    ),
+                    False,
+                )
             if n in ("F32", "F64"):
-                return fmt, ("({x} if {x} - {x} == 0 else _json_float({x}))" if safe else "{x}"), False
+                return (
+                    fmt,
+                    ("({x} if {x} - {x} == 0 else _json_float({x}))" if safe else "{x}"),
+                    False,
+                )
             if n in ("U128", "I128", "U256", "I256"):
                 return fmt, f"_{n.lower()}({{x}})", False
             return fmt, "{x}", False
@@ -561,9 +565,11 @@ class _Compiler:
     def emit_nested(self, ty: AlgebraicType, target: str, lines: list[str], ind: str) -> None:
         """Leaves and strings inline; composite types through their own function (linear code)."""
         r = self.ts.resolve(ty)
-        if self.leaf(r) is not None or (isinstance(r, Prim) and r.name == "String") or special_kind(
-            r
-        ) == "bytes":
+        if (
+            self.leaf(r) is not None
+            or (isinstance(r, Prim) and r.name == "String")
+            or special_kind(r) == "bytes"
+        ):
             self.emit(r, target, lines, ind)
         else:
             fn = self.func(r)
@@ -619,10 +625,11 @@ def _parse_int(v: Any, name: str, path: str) -> int:
         if not _DECIMAL_RE.fullmatch(v):
             raise EncodeError(f"expected an integer ({name}) or a decimal string, got {v!r:.40}", path=path)
         v = int(v)
+    n: int = v
     _size, lo, hi, _signed = _INT_RANGES[name]
-    if not lo <= v <= hi:
-        raise EncodeError(f"{v} is out of range for {name} [{lo}, {hi}]", path=path)
-    return v
+    if not lo <= n <= hi:
+        raise EncodeError(f"{n} is out of range for {name} [{lo}, {hi}]", path=path)
+    return n
 
 
 def _jtype(v: Any) -> str:
@@ -876,9 +883,7 @@ class ValueCodec:
             else:
                 raise EncodeError("missing required field", path=sub)
 
-    def _encode_sum(
-        self, ty: Sum, kind: str | None, v: Any, out: bytearray, path: str, depth: int
-    ) -> None:
+    def _encode_sum(self, ty: Sum, kind: str | None, v: Any, out: bytearray, path: str, depth: int) -> None:
         variants = ty.variants
         if kind == "option":
             inner_is_option = special_kind(self.typespace.resolve(variants[0].ty)) == "option"
@@ -932,3 +937,9 @@ def fixed_row_size(ts: Typespace, ty: AlgebraicType) -> int | None:
         return _fixed_size(ts, ty)
     except SchemaError:
         return None
+
+
+def int_bounds(name: str) -> tuple[int, int]:
+    """The inclusive ``(min, max)`` of a SATS integer type name (``"U8"`` ... ``"I256"``)."""
+    _size, lo, hi, _signed = _INT_RANGES[name]
+    return lo, hi

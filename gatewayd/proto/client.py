@@ -150,14 +150,7 @@ CallOutcome = (
     | OneOffResult
     | CallLost
 )
-Event = (
-    Connected
-    | SubscriptionApplied
-    | SubscriptionFailed
-    | Unsubscribed
-    | TransactionApplied
-    | CallOutcome
-)
+Event = Connected | SubscriptionApplied | SubscriptionFailed | Unsubscribed | TransactionApplied | CallOutcome
 
 
 @dataclass(slots=True)
@@ -317,8 +310,8 @@ class ClientConnection:
                 return [OneOffResult(msg.request_id, None, msg.error)]
             rows: dict[str, list[Any]] = {}
             assert msg.rows is not None
-            for table, decoded, _d, _e in cache.decode_query_rows(msg.rows):
-                rows.setdefault(table, []).extend(v for _k, _r, v in decoded)
+            for table, inserted, _deleted, _events in cache.decode_query_rows(msg.rows):
+                rows.setdefault(table, []).extend(item[2] for item in inserted)
             return [OneOffResult(msg.request_id, rows, None)]
         assert isinstance(msg, m.ProcedureResult)
         self._take(msg.request_id, "procedure")
@@ -346,7 +339,9 @@ class ClientConnection:
         self._take(msg.request_id, "reducer")
         out = msg.outcome
         if isinstance(out, m.ReducerOk):
-            return ReducerCommitted(msg.request_id, msg.timestamp, out.ret_value, self._apply_tx(out.transaction_update))
+            return ReducerCommitted(
+                msg.request_id, msg.timestamp, out.ret_value, self._apply_tx(out.transaction_update)
+            )
         if isinstance(out, m.ReducerOkEmpty):
             return ReducerCommitted(msg.request_id, msg.timestamp, b"", [])
         if isinstance(out, m.ReducerErr):

@@ -691,7 +691,8 @@ def wrap_server_body(body: bytes, compression: Compression) -> bytes:
         return b"\x00" + body
     if compression is Compression.GZIP:
         return b"\x02" + gzip.compress(body, compresslevel=1, mtime=0)
-    return b"\x01" + brotli.compress(body, quality=1)
+    compressed: bytes = brotli.compress(body, quality=1)
+    return b"\x01" + compressed
 
 
 def decode_client_payload(payload: bytes, protocol: Protocol) -> list[ClientMessage]:

@@ -222,9 +222,7 @@ def type_from_json(raw: Any, where: str = "type") -> AlgebraicType:
             w = f"{where}.{tag}[{i}]"
             if not isinstance(el, Mapping) or "algebraic_type" not in el:
                 raise SchemaError(f"{w}: needs 'algebraic_type'")
-            elems.append(
-                Element(_name_from_json(el.get("name"), w), type_from_json(el["algebraic_type"], w))
-            )
+            elems.append(Element(_name_from_json(el.get("name"), w), type_from_json(el["algebraic_type"], w)))
         if tag == "Product":
             return Product(tuple(elems))
         if len(elems) > 256:
@@ -249,16 +247,14 @@ def type_to_json(ty: AlgebraicType) -> dict[str, Any]:
         return {
             "Product": {
                 "elements": [
-                    {"name": _name_to_json(e.name), "algebraic_type": type_to_json(e.ty)}
-                    for e in ty.elements
+                    {"name": _name_to_json(e.name), "algebraic_type": type_to_json(e.ty)} for e in ty.elements
                 ]
             }
         }
     return {
         "Sum": {
             "variants": [
-                {"name": _name_to_json(e.name), "algebraic_type": type_to_json(e.ty)}
-                for e in ty.variants
+                {"name": _name_to_json(e.name), "algebraic_type": type_to_json(e.ty)} for e in ty.variants
             ]
         }
     }

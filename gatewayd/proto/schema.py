@@ -273,9 +273,7 @@ def parse_module_def(doc: Any) -> ModuleSchema:
             if isinstance(data, Mapping) and "Unique" in data:
                 u = data["Unique"]
                 unique.append(_cols(u["columns"] if isinstance(u, Mapping) else u, where))
-        auto_inc = tuple(
-            int(s["column"]) for s in t.get("sequences", []) or [] if isinstance(s, Mapping)
-        )
+        auto_inc = tuple(int(s["column"]) for s in t.get("sequences", []) or [] if isinstance(s, Mapping))
         access = _unit_enum(t.get("table_access", {"Public": []}), f"{where}.table_access")
         ttype = _unit_enum(t.get("table_type", {"User": []}), f"{where}.table_type")
         schema.tables[t["name"]] = TableDef(
@@ -298,7 +296,9 @@ def parse_module_def(doc: Any) -> ModuleSchema:
         if lifecycle not in (None, "Init", "OnConnect", "OnDisconnect"):
             raise SchemaError(f"{where}: unknown lifecycle {lifecycle!r}")
         schema.reducers[r["name"]] = ReducerDef(
-            r["name"], _product(r.get("params", {"elements": []}), f"{where}.params"), lifecycle  # type: ignore[arg-type]
+            r["name"],
+            _product(r.get("params", {"elements": []}), f"{where}.params"),
+            lifecycle,  # type: ignore[arg-type]
         )
     for export in doc.get("misc_exports", []) or []:
         if isinstance(export, Mapping) and "Procedure" in export:

@@ -21,6 +21,7 @@ can observe a half-applied message and there is no unbounded buffer in between.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import urllib.parse
@@ -133,7 +134,10 @@ async def open_tcp_stream(target: UpstreamTarget) -> trio.abc.Stream:
     """The default opener: TCP, plus TLS with the system trust store for https/wss."""
     if target.tls:
         return await trio.open_ssl_over_tcp_stream(
-            target.host, target.port, ssl_context=ssl.create_default_context(), https_compatible=True
+            target.host,
+            target.port,
+            ssl_context=ssl.create_default_context(),
+            https_compatible=True,
         )
     return await trio.open_tcp_stream(target.host, target.port)
 
@@ -301,12 +305,7 @@ class DbSession:
             self.token = ev.token
             self.connected.set()
             self._wake.set()
-        elif isinstance(ev, pc.SubscriptionApplied | pc.Unsubscribed):
-            w = self._subs.pop(ev.query_set_id, None)
-            if w is not None:
-                w.outcome = ev
-                w.done.set()
-        elif isinstance(ev, pc.SubscriptionFailed):
+        elif isinstance(ev, pc.SubscriptionApplied | pc.Unsubscribed | pc.SubscriptionFailed):
             w = self._subs.pop(ev.query_set_id, None)
             if w is not None:
                 w.outcome = ev
@@ -339,17 +338,15 @@ class DbSession:
         except ConnectionClosed as exc:
             if not self._closing:
                 reason = exc.reason
+                code = reason.code if reason is not None else 1006
+                text = f"code {code}" + (f", {reason.reason}" if reason is not None and reason.reason else "")
                 if not self.connected.is_set():
                     self.error = UpstreamAuthError(
-                        f"{self.name}: closed before InitialConnection (code {reason.code}"
-                        f"{', ' + reason.reason if reason.reason else ''}); the module's "
+                        f"{self.name}: closed before InitialConnection ({text}); the module's "
                         "client_connected hook probably refused this identity"
                     )
                 else:
-                    self.error = UpstreamConnectError(
-                        f"{self.name}: connection closed (code {reason.code}"
-                        f"{', ' + reason.reason if reason.reason else ''})"
-                    )
+                    self.error = UpstreamConnectError(f"{self.name}: connection closed ({text})")
         except UpstreamError as exc:
             self.error = exc
         finally:
@@ -387,16 +384,21 @@ class DbSession:
                 self._finish()
                 return
 
+    async def wait_calls_answered(self) -> None:
+        """Wait until every call in flight right now has its answer (or was lost)."""
+        for waiter in list(self._calls.values()):
+            await waiter.done.wait()
+
     async def aclose(self) -> None:
         """Close with a close frame; bounded and shielded. Pending calls become outcome-unknown."""
         if self._finished.is_set():
             return
         self._closing = True
         with trio.move_on_after(self._config.close_timeout_s, shield=True):
-            try:
+            with contextlib.suppress(
+                ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError
+            ):
                 await self._ws.aclose(1000, "gatewayd closing")
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
         self._finish()
 
 
@@ -416,7 +418,7 @@ async def serve_db_session(
     token: str | None,
     schema: ModuleSchema,
     listener: Listener,
-    config: SessionConfig = SessionConfig(),  # noqa: B008 - frozen
+    config: SessionConfig = SessionConfig(),
     open_stream: StreamOpener = open_tcp_stream,
     name: str = "db",
     task_status: trio.TaskStatus[DbSession] = trio.TASK_STATUS_IGNORED,
@@ -462,7 +464,10 @@ async def serve_db_session(
                 await session._wake.wait()
             if session.connected.is_set() and not session._finished.is_set():
                 logger.info(
-                    "%s: connected (protocol %s, identity %s)", session.name, protocol.value, conn.identity
+                    "%s: connected (protocol %s, identity %s)",
+                    session.name,
+                    protocol.value,
+                    conn.identity,
                 )
                 nursery.start_soon(session._pinger_task, config, name=f"{session.name}-pinger")
                 task_status.started(session)

@@ -104,7 +104,10 @@ class Credential:
         except jwt.PyJWTError:
             return cls(token, None)
         exp = claims.get("exp")
-        return cls(token, float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None)
+        return cls(
+            token,
+            float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None,
+        )
 
 
 TokenSource = Callable[[], Awaitable[Credential]]
@@ -166,9 +169,7 @@ def backoff_delay(
     return base / 2 + rng.uniform(0, base / 2)
 
 
-async def fetch_schema(
-    target: UpstreamTarget, token: str | None, *, timeout_s: float = 10.0
-) -> ModuleSchema:
+async def fetch_schema(target: UpstreamTarget, token: str | None, *, timeout_s: float = 10.0) -> ModuleSchema:
     """``GET /v1/database/{db}/schema?version=9`` -> :class:`ModuleSchema`.
 
     Raises:
@@ -181,13 +182,15 @@ async def fetch_schema(
     )
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
-            async with client.stream("GET", url, params={"version": "9"}, headers=headers) as resp:
-                body = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_SCHEMA_BYTES:
-                        raise SchemaError(f"schema document exceeds {MAX_SCHEMA_BYTES} bytes")
+        async with (
+            httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
+            client.stream("GET", url, params={"version": "9"}, headers=headers) as resp,
+        ):
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_SCHEMA_BYTES:
+                    raise SchemaError(f"schema document exceeds {MAX_SCHEMA_BYTES} bytes")
     except httpx.HTTPError as exc:
         raise UpstreamConnectError(f"schema fetch failed: {type(exc).__name__}: {exc}") from exc
     if resp.status_code in (401, 403):
@@ -223,7 +226,7 @@ class UpstreamSupervisor:
         sink: Sink,
         token_source: TokenSource | None = None,
         schema_source: SchemaSource | None = None,
-        config: SupervisorConfig = SupervisorConfig(),  # noqa: B008 - frozen
+        config: SupervisorConfig = SupervisorConfig(),
         open_stream: StreamOpener = open_tcp_stream,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -248,7 +251,7 @@ class UpstreamSupervisor:
         self._live = trio.Event()
         self._state_changed = trio.Event()
         self.on_state: list[Callable[[UpstreamState, str | None], None]] = []
-        self.query_set_status: dict[str, str] = {k: "pending" for k in self.query_sets}
+        self.query_set_status: dict[str, str] = dict.fromkeys(self.query_sets, "pending")
         self._qsid_names: dict[tuple[int, int], str] = {}  # (session id, qsid) -> name
         self.reconnects = 0
         self.refreshes = 0
@@ -261,7 +264,13 @@ class UpstreamSupervisor:
     def _set_state(self, state: UpstreamState, reason: str | None = None) -> None:
         if state is self.state:
             return
-        logger.info("%s: %s -> %s%s", self.name, self.state.value, state.value, f" ({reason})" if reason else "")
+        logger.info(
+            "%s: %s -> %s%s",
+            self.name,
+            self.state.value,
+            state.value,
+            f" ({reason})" if reason else "",
+        )
         self.state = state
         if state is UpstreamState.LIVE:
             self._live.set()
@@ -448,14 +457,19 @@ class UpstreamSupervisor:
         self.active = new
         self.schema = new.schema
         self._baseline = None
-        logger.info("%s: %s is active (%d rows, %d changes to reconcile)", self.name, new.name, len(new.cache), len(changes))
+        logger.info(
+            "%s: %s is active (%d rows, %d changes to reconcile)",
+            self.name,
+            new.name,
+            len(new.cache),
+            len(changes),
+        )
         self._emit(changes, cause)
 
     async def _retire(self, old: DbSession) -> None:
         """Let the old session's in-flight calls answer (bounded), then close it."""
         with trio.move_on_after(self.config.drain_s):
-            while old.is_open and old.conn.pending:
-                await trio.sleep(0.05)
+            await old.wait_calls_answered()
         await old.aclose()
 
     def _refresh_at(self, cred: Credential, fetched_at_wall: float) -> float:
@@ -478,7 +492,10 @@ class UpstreamSupervisor:
             return False
         changed = fresh.fingerprint != old
         logger.warning(
-            "%s: decode error (%s); schema %s", self.name, exc, "changed: reconnecting now" if changed else "unchanged"
+            "%s: decode error (%s); schema %s",
+            self.name,
+            exc,
+            "changed: reconnecting now" if changed else "unchanged",
         )
         return changed
 
@@ -507,7 +524,12 @@ class UpstreamSupervisor:
                             self.config.auth_backoff_max_s, self.config.backoff_multiplier, self._rng,
                         )  # fmt: skip
                         auth_attempt += 1
-                    except (UpstreamError, SchemaError, TokenRefreshError, trio.TooSlowError) as exc:
+                    except (
+                        UpstreamError,
+                        SchemaError,
+                        TokenRefreshError,
+                        trio.TooSlowError,
+                    ) as exc:
                         self.last_error = f"{type(exc).__name__}: {exc}"
                         if self.state is not UpstreamState.CONNECTING:
                             self._set_state(UpstreamState.RECONNECTING, self.last_error)
@@ -561,7 +583,9 @@ class UpstreamSupervisor:
                 new, new_cred = await self._open_subscribed(nursery)
             except (UpstreamError, SchemaError, TokenRefreshError, trio.TooSlowError) as exc:
                 # The old connection stays valid (exp is checked only at connect); retry later.
-                retry = backoff_delay(0, self.config.backoff_initial_s * 4, self.config.backoff_max_s, 2.0, self._rng)
+                retry = backoff_delay(
+                    0, self.config.backoff_initial_s * 4, self.config.backoff_max_s, 2.0, self._rng
+                )
                 logger.warning("%s: token refresh failed (%s); retrying in %.1f s", self.name, exc, retry)
                 refresh_at = trio.current_time() + retry
                 continue

@@ -45,13 +45,21 @@ SERVER_EXAMPLES = [
     ),
     (
         m.SubscribeApplied(
-            1, 1, m.QueryRows((m.SingleTableRows("person", m.BsatnRowList(m.FixedSize(9), h("05000000416c696365"))),))
+            1,
+            1,
+            m.QueryRows(
+                (m.SingleTableRows("person", m.BsatnRowList(m.FixedSize(9), h("05000000416c696365"))),)
+            ),
         ),
         "01 01000000 01000000 01000000 06000000 706572736f6e 00 0900 09000000 05000000416c696365",
     ),
     (
         m.TransactionUpdate(
-            (m.QuerySetUpdate(1, (m.TableUpdate("person", (m.PersistentTableRows(ALICE_BOB, m.EMPTY_ROWS),)),)),)
+            (
+                m.QuerySetUpdate(
+                    1, (m.TableUpdate("person", (m.PersistentTableRows(ALICE_BOB, m.EMPTY_ROWS),)),)
+                ),
+            )
         ),
         "04 01000000 01000000 01000000 06000000 706572736f6e 01000000 00"
         " 01 02000000 0000000000000000 0900000000000000 10000000 05000000416c696365 03000000426f62"

@@ -9,12 +9,14 @@ Query strings understood: ``SELECT * FROM <table>`` optionally with ``WHERE <col
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.lowlevel
 import trio.testing
 import trio_websocket
 
@@ -113,7 +115,7 @@ class FakeDb:
 
     async def schema_source(self, token: str | None) -> ModuleSchema:
         self.schema_fetches += 1
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         return self.schema
 
     def opener(self, nursery: trio.Nursery) -> Callable[[UpstreamTarget], Any]:
@@ -167,14 +169,17 @@ class FakeDb:
                 caller_tx = tx
                 continue
             if tx.query_sets and not conn.muted:
-                try:
+                with contextlib.suppress(
+                    trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+                ):
                     await conn.send(tx)
-                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
         return caller_tx
 
     def _tx_for(
-        self, conn: FakeConn, inserts: list[tuple[str, dict[str, Any]]], deletes: list[tuple[str, dict[str, Any]]]
+        self,
+        conn: FakeConn,
+        inserts: list[tuple[str, dict[str, Any]]],
+        deletes: list[tuple[str, dict[str, Any]]],
     ) -> m.TransactionUpdate:
         per: dict[int, dict[str, tuple[list[bytes], list[bytes]]]] = {}
         for table, row in inserts:
@@ -188,7 +193,14 @@ class FakeDb:
                 m.QuerySetUpdate(
                     qsid,
                     tuple(
-                        m.TableUpdate(t, (m.PersistentTableRows(m.BsatnRowList.from_rows(i), m.BsatnRowList.from_rows(d)),))
+                        m.TableUpdate(
+                            t,
+                            (
+                                m.PersistentTableRows(
+                                    m.BsatnRowList.from_rows(i), m.BsatnRowList.from_rows(d)
+                                ),
+                            ),
+                        )
                         for t, (i, d) in tables.items()
                     ),
                 )
@@ -231,7 +243,9 @@ class FakeDb:
                 return
             self.conns.append(conn)
             try:
-                await conn.send(m.InitialConnection(self.identity, "00" * 15 + f"{len(self.conns):02x}", token or "anon"))
+                await conn.send(
+                    m.InitialConnection(self.identity, "00" * 15 + f"{len(self.conns):02x}", token or "anon")
+                )
                 if self.garbage is not None:
                     await ws.send_message(self.garbage)
                 while True:
@@ -240,7 +254,11 @@ class FakeDb:
                     for msg in m.decode_client_payload(payload, self.protocol):
                         conn.received.append(msg)
                         await self._handle(conn, msg)
-            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (
+                trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ):
                 pass
             finally:
                 if conn in self.conns:
@@ -272,7 +290,11 @@ class FakeDb:
         elif isinstance(msg, m.CallReducer):
             fn = self.reducers.get(msg.reducer)
             if fn is None:
-                await conn.send(m.ReducerResult(msg.request_id, 0, m.ReducerInternalError(f"no such reducer {msg.reducer}")))
+                await conn.send(
+                    m.ReducerResult(
+                        msg.request_id, 0, m.ReducerInternalError(f"no such reducer {msg.reducer}")
+                    )
+                )
                 return
             args = self.codec.decode(self.schema.reducers[msg.reducer].params, msg.args)
             if self.hold_results is not None:
@@ -291,7 +313,12 @@ class FakeDb:
             if mt is None:
                 await conn.send(m.OneOffQueryResult(msg.request_id, error="bad query"))
             else:
-                await conn.send(m.OneOffQueryResult(msg.request_id, rows=self._query_rows([(mt.group(1), mt.group(2), mt.group(3))])))
+                await conn.send(
+                    m.OneOffQueryResult(
+                        msg.request_id,
+                        rows=self._query_rows([(mt.group(1), mt.group(2), mt.group(3))]),
+                    )
+                )
 
     # helpers for reducers
     def tx_insert(self, table: str, row: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,9 +17,8 @@ import trio.testing
 from gatewayd.errors import OutcomeUnknownError, UpstreamUnavailableError
 from gatewayd.proto import client as pc
 from gatewayd.proto import messages as m
-from gatewayd.proto.sats import STRING, U32, U64, option, product
+from gatewayd.proto.sats import STRING, U32, U64, Typespace, option, product
 from gatewayd.proto.schema import ModuleSchema, ReducerDef, TableDef, parse_module_def
-from gatewayd.proto.sats import Typespace
 from gatewayd.services.db_ws import SessionConfig
 from gatewayd.services.supervisor import (
     ChangeBatch,
@@ -127,9 +127,9 @@ async def running(
             token_source=token_source,
             schema_source=db.schema_source,
             config=config,
-            open_stream=db.opener(nursery),
+            open_stream=db.opener(nursery),  # type: ignore[arg-type]
             rng=random.Random(7),
-            wall_clock=lambda: 1_800_000_000 + trio.current_time(),
+            wall_clock=wall,
         )
         if wait:
             await nursery.start(sup.serve)
@@ -146,6 +146,15 @@ def fake_db(protocol: m.Protocol = m.Protocol.V2) -> FakeDb:
         db.put("note", {"id": i, "tenant_id": "t-a" if i % 2 else "t-b", "body": f"note {i}"})
     db.put("counter", {"id": 1, "value": 0})
     return db
+
+
+async def until_live(sup: UpstreamSupervisor) -> None:
+    while sup.state is not UpstreamState.LIVE:
+        await sup.wait_state_change()
+
+
+def wall() -> float:
+    return 1_800_000_000 + trio.current_time()
 
 
 async def settle() -> None:
@@ -174,7 +183,11 @@ async def test_initial_snapshot_live_updates_and_reducer_calls(
         assert isinstance(out, pc.ReducerCommitted)
         assert consumer.batches[-1].cause == "reducer"
         (change,) = consumer.batches[-1].changes
-        assert (change.kind, change.row, change.old) == ("updated", {"id": 1, "value": 1}, {"id": 1, "value": 0})
+        assert (change.kind, change.row, change.old) == (
+            "updated",
+            {"id": 1, "value": 1},
+            {"id": 1, "value": 0},
+        )
 
         # The module refuses: its own message comes back, nothing changes.
         n = len(consumer.batches)
@@ -183,14 +196,17 @@ async def test_initial_snapshot_live_updates_and_reducer_calls(
         assert out.message == "not allowed"
         # A reducer that changes nothing completes from its result alone, with no batch.
         out = await sup.call_reducer_json("noop", {})
-        assert isinstance(out, pc.ReducerCommitted) and out.changes == []
+        assert isinstance(out, pc.ReducerCommitted)
+        assert out.changes == []
         out = await sup.call_reducer("missing", b"")
         assert isinstance(out, pc.ReducerInternalError)
         assert len(consumer.batches) == n
         assert consumer.problems == []
 
 
-async def test_reconnect_reconciles_only_what_changed(autojump_clock: trio.testing.MockClock) -> None:
+async def test_reconnect_reconciles_only_what_changed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     db = fake_db()
     async with running(db) as (sup, consumer):
         start = trio.current_time()
@@ -201,13 +217,12 @@ async def test_reconnect_reconciles_only_what_changed(autojump_clock: trio.testi
         db.put("note", {"id": 4, "tenant_id": "t-b", "body": "four, edited"})
         await sup.wait_state_change()
         assert sup.state is UpstreamState.RECONNECTING
-        while sup.state is not UpstreamState.LIVE:
-            await sup.wait_state_change()
+        await until_live(sup)
         reconcile = consumer.batches[-1]
         assert reconcile.cause == "reconcile"
         got = sorted((c.kind, c.row["id"]) for c in reconcile.changes)
         assert got == [("deleted", 3), ("inserted", 9), ("updated", 4)]
-        assert consumer.table("note") == {k: v for k, v in db.rows["note"].items()}
+        assert consumer.table("note") == dict(db.rows["note"])
         assert consumer.problems == []
         # The first retry waited a jittered delay within [initial/2, initial].
         assert FAST.backoff_initial_s / 2 <= trio.current_time() - start <= FAST.backoff_initial_s + 0.1
@@ -220,7 +235,7 @@ async def test_backoff_is_capped_and_jittered(autojump_clock: trio.testing.MockC
     async with running(db, wait=False) as (sup, _consumer):
         await trio.sleep(200)
         times = db.attempt_times
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert len(gaps) >= 10
         # Exponential growth up to the cap, each gap within [base/2, base].
         for i, gap in enumerate(gaps):
@@ -252,18 +267,22 @@ async def test_auth_rejection_is_a_state_with_slow_retries(
     async with running(db, wait=False) as (sup, _consumer):
         await trio.sleep(1)
         assert sup.state is UpstreamState.AUTH_REJECTED
-        assert "401" in (sup.last_error or "") if mode == "http401" else "client_connected" in (sup.last_error or "")
+        assert (
+            "401" in (sup.last_error or "")
+            if mode == "http401"
+            else "client_connected" in (sup.last_error or "")
+        )
         await trio.sleep(600)
         # No tight loop: attempts are spaced by the auth backoff (>= 30 s, then growing).
-        gaps = [b - a for a, b in zip(db.attempt_times, db.attempt_times[1:], strict=False)]
-        assert gaps and min(gaps) >= FAST.auth_backoff_initial_s / 2
+        gaps = [b - a for a, b in itertools.pairwise(db.attempt_times)]
+        assert gaps
+        assert min(gaps) >= FAST.auth_backoff_initial_s / 2
         assert len(db.attempt_times) <= 6
         # Recovery: the peer accepts again.
         db.reject_status = None
         db.close_before_initial = False
         with trio.fail_after(FAST.auth_backoff_max_s + 1):
-            while sup.state is not UpstreamState.LIVE:
-                await sup.wait_state_change()
+            await until_live(sup)
 
 
 async def test_dead_peer_detected_by_ping(autojump_clock: trio.testing.MockClock) -> None:
@@ -277,12 +296,13 @@ async def test_dead_peer_detected_by_ping(autojump_clock: trio.testing.MockClock
         cfg = FAST.session
         assert elapsed <= cfg.ping_interval_s + cfg.ping_timeout_s + 0.01
         assert "pong" in (sup.last_error or "")
-        while sup.state is not UpstreamState.LIVE:
-            await sup.wait_state_change()
+        await until_live(sup)
         assert consumer.problems == []
 
 
-async def test_call_in_flight_when_link_drops_is_outcome_unknown(autojump_clock: trio.testing.MockClock) -> None:
+async def test_call_in_flight_when_link_drops_is_outcome_unknown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     db = fake_db()
     db.hold_results = trio.Event()  # the reducer runs "slowly": no result until released
     async with running(db) as (sup, _consumer):
@@ -303,7 +323,9 @@ async def test_call_in_flight_when_link_drops_is_outcome_unknown(autojump_clock:
         assert trio.current_time() - t0 < 0.01  # failed at once, never hangs
 
 
-async def test_calls_while_disconnected_wait_then_fail_unsent(autojump_clock: trio.testing.MockClock) -> None:
+async def test_calls_while_disconnected_wait_then_fail_unsent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     db = fake_db()
     async with running(db) as (sup, _consumer):
         db.refuse_next = 10**6
@@ -318,13 +340,16 @@ async def test_calls_while_disconnected_wait_then_fail_unsent(autojump_clock: tr
 
 
 def jwt_with_exp(exp: float, n: int) -> str:
-    return jwt.encode({"sub": "svc", "iss": "test", "iat": int(exp) - 60, "exp": int(exp), "n": n}, "k" * 32, algorithm="HS256")
+    return jwt.encode(
+        {"sub": "svc", "iss": "test", "iat": int(exp) - 60, "exp": int(exp), "n": n},
+        "k" * 32,
+        algorithm="HS256",
+    )
 
 
 async def test_token_refresh_is_make_before_break(autojump_clock: trio.testing.MockClock) -> None:
     """S7: 60-s tokens, 5 minutes of writes every 2 s: no lost or duplicated update."""
     db = fake_db()
-    wall = lambda: 1_800_000_000 + trio.current_time()  # noqa: E731
     minted: list[float] = []
 
     async def token_source() -> Credential:
@@ -338,7 +363,9 @@ async def test_token_refresh_is_make_before_break(autojump_clock: trio.testing.M
         while trio.current_time() < deadline:
             await trio.sleep(2)
             writes += 1
-            await db.commit(inserts=[("note", {"id": 100 + writes, "tenant_id": "t-a", "body": f"w{writes}"})])
+            await db.commit(
+                inserts=[("note", {"id": 100 + writes, "tenant_id": "t-a", "body": f"w{writes}"})]
+            )
             if writes % 3 == 0:
                 await sup.call_reducer_json("bump", {"id": 1})
         await settle()
@@ -347,12 +374,17 @@ async def test_token_refresh_is_make_before_break(autojump_clock: trio.testing.M
         assert consumer.table("counter") == db.rows["counter"]
         # Each token was replaced before it expired: ~every 48 s (60 s minus a 20 % lead).
         assert sup.refreshes >= 5
-        assert all(b - a < 60 for a, b in zip(minted, minted[1:], strict=False))
+        assert all(b - a < 60 for a, b in itertools.pairwise(minted))
         # Every connection presented a different, fresh token; old connections were closed.
         assert len(set(db.tokens_seen)) == len(db.tokens_seen)
         assert len(db.conns) == 1
         # No update was delivered twice: each insert of note 100+k arrived exactly once.
-        inserted = [c.row["id"] for b in consumer.batches for c in b.changes if c.kind == "inserted" and c.table == "note"]
+        inserted = [
+            c.row["id"]
+            for b in consumer.batches
+            for c in b.changes
+            if c.kind == "inserted" and c.table == "note"
+        ]
         assert len(inserted) == len(set(inserted))
 
 
@@ -360,7 +392,6 @@ async def test_peer_down_longer_than_token_lifetime_recovers_with_new_token(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     db = fake_db()
-    wall = lambda: 1_800_000_000 + trio.current_time()  # noqa: E731
     issued: list[str] = []
 
     async def token_source() -> Credential:
@@ -374,8 +405,7 @@ async def test_peer_down_longer_than_token_lifetime_recovers_with_new_token(
         await db.cut_all()
         await trio.sleep(180)  # three token lifetimes
         db.refuse_next = 0
-        while sup.state is not UpstreamState.LIVE:
-            await sup.wait_state_change()
+        await until_live(sup)
         assert db.tokens_seen[-1] == issued[-1]
         assert jwt.decode(issued[-1], options={"verify_signature": False})["exp"] > wall()
 
@@ -393,7 +423,11 @@ async def test_decode_error_refetches_schema_and_reconnects_on_hotswap(
         for row in db.rows["note"].values():
             row["pinned"] = None
         await db.commit(inserts=[("note", {"id": 7, "tenant_id": "t-a", "body": "seven", "pinned": "yes"})])
-        while sup.state is not UpstreamState.LIVE or sup.schema is None or "pinned" not in sup.schema.tables["note"].columns:
+        while (
+            sup.state is not UpstreamState.LIVE
+            or sup.schema is None
+            or "pinned" not in sup.schema.tables["note"].columns
+        ):
             await sup.wait_state_change()
         assert db.schema_fetches >= fetches + 2  # refetch after the error, then for the new session
         assert sup.decode_errors == 1
@@ -407,9 +441,15 @@ async def test_decode_error_refetches_schema_and_reconnects_on_hotswap(
     [
         (b"\x00\x09", "unknown ServerMessage tag 9"),
         (b"\x07\x04", "unknown compression tag 7"),
-        (b"\x00\x04\x01\x00\x00\x00\x01\x00\x00\x00\xff\xff\xff\x7f", "count 2147483647 cannot fit"),
+        (
+            b"\x00\x04\x01\x00\x00\x00\x01\x00\x00\x00\xff\xff\xff\x7f",
+            "count 2147483647 cannot fit",
+        ),
         (b"\x00\x03\x01\x01\x00\x00\x00\xff\xff\xff\x7f", "string length 2147483647 exceeds"),
-        (b"\x00\x06\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x09", "unknown ReducerOutcome tag 9"),
+        (
+            b"\x00\x06\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x09",
+            "unknown ReducerOutcome tag 9",
+        ),
         (b"\x00\x03\x01\x01\x00\x00\x00\x02\x00\x00\x00\xff\xfe", "UTF-8"),
         (b"\x00\x06\x01\x00", "truncated"),
     ],
@@ -423,8 +463,7 @@ async def test_bad_upstream_bytes_close_and_rebuild_the_session(
         await sup.wait_state_change()
         assert sup.state is UpstreamState.RECONNECTING
         assert needle in (sup.last_error or "")
-        while sup.state is not UpstreamState.LIVE:
-            await sup.wait_state_change()
+        await until_live(sup)
         assert consumer.problems == []
 
 
@@ -438,9 +477,15 @@ async def test_refused_query_set_is_per_set(autojump_clock: trio.testing.MockClo
         assert len(consumer.table("note")) == 5
 
 
-async def test_server_dropped_query_set_removes_only_its_rows(autojump_clock: trio.testing.MockClock) -> None:
+async def test_server_dropped_query_set_removes_only_its_rows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     db = fake_db()
-    sets = {"a": ["SELECT * FROM note WHERE tenant_id = 't-a'"], "all": ["SELECT * FROM note"], "c": ["SELECT * FROM counter"]}
+    sets = {
+        "a": ["SELECT * FROM note WHERE tenant_id = 't-a'"],
+        "all": ["SELECT * FROM note"],
+        "c": ["SELECT * FROM counter"],
+    }
     async with running(db, query_sets=sets) as (sup, consumer):
         conn = db.conns[0]
         qsid_c = next(q for q, parsed in conn.sets.items() if parsed[0][0] == "counter")
