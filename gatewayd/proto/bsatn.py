@@ -371,6 +371,8 @@ def _slow_decode_inner(ts: Typespace, ty: AlgebraicType, r: Reader, path: str, s
 # --- the compiled decoder ------------------------------------------------------------------------
 
 DecodeFn = Callable[[bytes, int, int], tuple[Any, int]]
+# fn(buf, pos, end, append_value, append_raw) -> pos: see _Compiler.build_rows.
+RowsFn = Callable[[bytes, int, int, Callable[[Any], None], Callable[[bytes], None]], int]
 
 _STRUCT_FMT: Final[dict[str, str]] = {
     "Bool": "B", "U8": "B", "I8": "b", "U16": "H", "I16": "h", "U32": "I", "I32": "i",
@@ -579,15 +581,17 @@ class _Compiler:
         names = [e.name if e.name is not None else str(i) for i, e in enumerate(ty.elements)]
         as_list = bool(ty.elements) and all(e.name is None for e in ty.elements)
         values: list[str] = []
-        # Group runs of fixed-width leaves into one struct call.
+        # Group runs of fixed-width leaves into one struct call. The u32 length prefix of a string
+        # or bytes field joins the run before it, so e.g. "u64, Identity, String" is one call.
         group: list[tuple[str, str, bool]] = []
 
-        def flush() -> None:
-            if not group:
+        def flush(length: str | None = None) -> None:
+            if not group and length is None:
                 return
-            fmt = "".join(g[0] for g in group)
+            fmt = "".join(g[0] for g in group) + ("I" if length is not None else "")
             xs = [self._fresh("x") for _ in group]
-            lines.append(f"{ind}{', '.join(xs)}, = {self._struct(fmt)}(buf, pos)")
+            targets = xs if length is None else [*xs, length]
+            lines.append(f"{ind}{', '.join(targets)}, = {self._struct(fmt)}(buf, pos)")
             lines.append(f"{ind}pos += {struct.calcsize('<' + fmt)}")
             for x, (_fmt, expr, check) in zip(xs, group, strict=True):
                 if check:
@@ -600,6 +604,17 @@ class _Compiler:
             if leaf is not None:
                 group.append(leaf)
                 continue
+            r = self.ts.resolve(e.ty)
+            kind = special_kind(r)
+            if (isinstance(r, Prim) and r.name == "String") or kind == "bytes":
+                n, stop, v = self._fresh("n"), self._fresh("e"), self._fresh("f")
+                flush(length=n)
+                lines.append(f"{ind}{stop} = pos + {n}")
+                lines.append(f"{ind}if {stop} > end: raise _FastFail")
+                lines.append(f"{ind}{v} = buf[pos:{stop}]{'.hex()' if kind == 'bytes' else '.decode()'}")
+                lines.append(f"{ind}pos = {stop}")
+                values.append(v)
+                continue
             flush()
             v = self._fresh("f")
             self.emit_nested(e.ty, v, lines, ind)
@@ -610,6 +625,33 @@ class _Compiler:
         else:
             items = ", ".join(f"{n!r}: {v}" for n, v in zip(names, values, strict=True))
             lines.append(f"{ind}{target} = {{{items}}}")
+
+    def build_rows(self, ty: AlgebraicType) -> RowsFn:
+        """The loop of :meth:`ValueCodec.decode_rows` as one function, with the row type's body
+        inlined: no call, tuple or unpacking per row. ``fn(buf, pos, end, append_value,
+        append_raw) -> pos`` decodes rows back to back while ``pos < end``."""
+        r = self.ts.resolve(ty)
+        lines: list[str] = []
+        ind = " " * 8
+        if isinstance(r, Product):
+            self.emit_product(r, "v", lines, ind)
+        else:
+            self.emit_nested(r, "v", lines, ind)
+        if _min_size(self.ts, r) == 0:
+            # A row may be zero bytes long: stop rather than loop forever without advancing.
+            lines.append(f"{ind}if pos == start: raise _FastFail")
+        name = self._fresh("_rows")
+        self.sources.append(
+            f"def {name}(buf, pos, end, append_v, append_r):\n"
+            "    while pos < end:\n"
+            "        start = pos\n" + "\n".join(lines) + "\n"
+            "        append_v(v)\n"
+            "        append_r(buf[start:pos])\n"
+            "    return pos\n"
+        )
+        exec(compile("\n".join(self.sources), "<bsatn-compiled>", "exec"), self.ns)
+        fn: RowsFn = self.ns[name]
+        return fn
 
 
 # --- the encoder (JSON-ready value -> BSATN) ------------------------------------------------------
@@ -685,6 +727,7 @@ class ValueCodec:
         self.typespace = typespace if typespace is not None else Typespace()
         self.safe = safe
         self._decoders: dict[AlgebraicType, DecodeFn] = {}
+        self._row_decoders: dict[AlgebraicType, RowsFn] = {}
 
     # decoding
 
@@ -736,28 +779,37 @@ class ValueCodec:
         Rows are read one after another until the data is used up (as the TS SDK does), so the
         size hint is not needed here.
         """
-        fn = self.decoder(ty)
+        fn = self._row_decoders.get(ty)
+        if fn is None:
+            try:
+                fn = _Compiler(self.typespace, self.safe).build_rows(ty)
+            except RecursionError:
+                raise SchemaError("type is too deeply nested to compile") from None
+            self._row_decoders[ty] = fn
         values: list[Any] = []
         raws: list[bytes] = []
         end = len(data)
-        pos = 0
-        append_v = values.append
-        append_r = raws.append
         try:
-            while pos < end:
-                v, npos = fn(data, pos, end)
-                append_v(v)
-                append_r(data[pos:npos])
-                pos = npos
+            pos = fn(data, 0, end, values.append, raws.append)
         except Exception:
-            # Re-decode the failing row slowly for a precise message.
+            # Re-decode the failing row slowly for a precise message. Rows are only appended once
+            # fully decoded, so the failing one starts right after the raw rows we have.
+            pos = sum(map(len, raws))
+            where = f"{path}[{len(values)}]"
             r = Reader(data, pos)
             try:
-                _slow_decode(self.typespace, ty, r, f"{path}[{len(values)}]", self.safe)
+                _slow_decode(self.typespace, ty, r, where, self.safe)
             except DecodeError:
                 raise
             except (RecursionError, SchemaError) as exc:
-                raise DecodeError(f"cannot decode row: {exc}", path=f"{path}[{len(values)}]") from None
+                raise DecodeError(f"cannot decode row: {exc}", path=where) from None
+            if r.pos == pos:
+                raise DecodeError(
+                    "a row of this type can be zero bytes long, so rows cannot be split "
+                    "without the size hint",
+                    path=where,
+                    offset=pos,
+                ) from None
             raise DecodeError(
                 "row decoding failed on the fast path but not the slow one", path=path, offset=pos
             ) from None

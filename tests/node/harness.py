@@ -57,9 +57,7 @@ def ensure_ts_sdk_harness(timeout: float = 300.0) -> str:
     return node
 
 
-def run_node_script(
-    script: Path, stdin: str, *, args: tuple[str, ...] = (), timeout: float = 120.0
-) -> str:
+def run_node_script(script: Path, stdin: str, *, args: tuple[str, ...] = (), timeout: float = 120.0) -> str:
     """Run a Node script of the harness with ``stdin``; return its stdout or raise HarnessError."""
     node = ensure_ts_sdk_harness()
     try:
@@ -75,7 +73,6 @@ def run_node_script(
         raise HarnessError(f"node {script.name} did not finish within {timeout:.0f} s") from None
     if proc.returncode != 0:
         raise HarnessError(
-            f"node {script.name} exited with {proc.returncode}\n--- stderr ---\n"
-            f"{proc.stderr.strip()[-4000:]}"
+            f"node {script.name} exited with {proc.returncode}\n--- stderr ---\n{proc.stderr.strip()[-4000:]}"
         )
     return proc.stdout

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
+from gatewayd.errors import DecodeError
 from gatewayd.proto import messages as m
 from gatewayd.proto.bsatn import Reader, ValueCodec, safe_int
 from gatewayd.proto.sats import (
@@ -397,9 +398,7 @@ CLIENT_MESSAGES: Final[list[tuple[str, m.ClientMessage]]] = [
     ("Subscribe-none", m.Subscribe(0, 0, ())),
     (
         "Subscribe-many-unicode-max-ids",
-        m.Subscribe(
-            U32_MAX, U32_MAX, ("SELECT * FROM person", "", "SELECT * FROM «t» WHERE name = 'ü🚀'")
-        ),
+        m.Subscribe(U32_MAX, U32_MAX, ("SELECT * FROM person", "", "SELECT * FROM «t» WHERE name = 'ü🚀'")),
     ),
     ("Unsubscribe-SendDroppedRows", m.Unsubscribe(3, 1, send_dropped_rows=True)),
     ("Unsubscribe-Default", m.Unsubscribe(4, 2, send_dropped_rows=False)),
@@ -410,9 +409,7 @@ CLIENT_MESSAGES: Final[list[tuple[str, m.ClientMessage]]] = [
     ("CallProcedure", m.CallProcedure(5, "p", b"")),
     (
         "CallProcedure-args",
-        m.CallProcedure(
-            6, "get_thing", CODEC.encode(product(id=U64, q=STRING), {"id": 7, "q": "ü"})
-        ),
+        m.CallProcedure(6, "get_thing", CODEC.encode(product(id=U64, q=STRING), {"id": 7, "q": "ü"})),
     ),
 ]
 
@@ -463,9 +460,7 @@ NESTED: Final = product(
     inner=product(b=STRING, c=product(d=BOOL, e=ArrayT(F64))),
     f=option(product(g=U64, h=IDENTITY)),
 )
-TASK: Final = product(
-    id=U64, owner=IDENTITY, tenant_id=STRING, title=STRING, updated_at=TIMESTAMP, done=BOOL
-)
+TASK: Final = product(id=U64, owner=IDENTITY, tenant_id=STRING, title=STRING, updated_at=TIMESTAMP, done=BOOL)
 
 
 def col(ty: AlgebraicType, values: Iterable[Json]) -> tuple[Product, list[Json]]:
@@ -496,9 +491,7 @@ ROW_CASES: Final[dict[str, tuple[Product, list[Json]]]] = {
     "Array<U64>": col(ArrayT(U64), [[], [0, safe_int(2**64 - 1)]]),
     "Array<String>": col(ArrayT(STRING), [[], ["a", "", "ü"]]),
     "Array<Array<I16>>": col(ArrayT(ArrayT(I16)), [[], [[], [1, -1], [32767, -32768]]]),
-    "Array<Product>": col(
-        ArrayT(product(x=I32, y=STRING)), [[], [{"x": -1, "y": "a"}, {"x": 2, "y": ""}]]
-    ),
+    "Array<Product>": col(ArrayT(product(x=I32, y=STRING)), [[], [{"x": -1, "y": "a"}, {"x": 2, "y": ""}]]),
     "Array<Option<U8>>": col(ArrayT(option(U8)), [[1, None, 3], []]),
     "Array<Identity>": col(ArrayT(IDENTITY), [[IDENT, "00" * 32]]),
     "Array<Bytes>": col(ArrayT(BYTES), [["", "ff"]]),
@@ -820,3 +813,17 @@ def test_rows_sdk_to_python(sdk: dict[str, dict[str, Json]], name: str) -> None:
     assert theirs == b"".join(raws)
     # -0.0 == 0.0 in Python, so check the sign of zeros through the bytes as well as the values.
     assert json.dumps(values) == json.dumps(rows)
+
+
+@pytest.mark.timeout(10)
+def test_zero_byte_rows_are_an_error_not_a_hang() -> None:
+    """Rows are split by decoding until the data is used up, as the SDK does (``#parseRowList``:
+    ``while (reader.remaining > 0)``). A row type that encodes to zero bytes never advances: the
+    SDK loops forever on non-empty data for it (seen with spacetimedb@2.10.1: 10^6 iterations of
+    ``t.row({}).deserialize``, 1 byte still left), and ``ValueCodec.decode_rows`` did too, growing
+    its lists without bound. It now raises."""
+    with pytest.raises(DecodeError, match="zero bytes long"):
+        CODEC.decode_rows(product(), b"\x00")
+    with pytest.raises(DecodeError, match="zero bytes long"):
+        CODEC.decode_rows(product(u=UNIT), b"\x00\x00")
+    assert CODEC.decode_rows(product(), b"") == ([], [])
