@@ -19,6 +19,7 @@ into gigabytes.
 from __future__ import annotations
 
 import gzip
+import struct
 import zlib
 from dataclasses import dataclass
 from enum import Enum
@@ -489,7 +490,8 @@ def _r_rowlist(r: Reader) -> BsatnRowList:
         hint = FixedSize(r.u16())
     elif tag == 1:
         n = r.array_len(8, "row offsets")
-        hint = RowOffsets(tuple(r.u64() for _ in range(n)))
+        # One struct call for the whole array: per-offset reads were ~20 % of decoding a big update.
+        hint = RowOffsets(struct.unpack_from(f"<{n}Q", r.raw(8 * n, "row offsets")))
     else:
         raise DecodeError(f"unknown RowSizeHint tag {tag}", path="size_hint", offset=p)
     return BsatnRowList(hint, r.bytes_())
