@@ -1,0 +1,43 @@
+# gatewayd task runner. `just` itself comes from the `test` extra (PyPI rust-just), so
+# `.venv/bin/just <recipe>` works right after `pip install -e '.[test]'`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+py := venv + "/bin/python"
+bin := venv + "/bin"
+
+default: test
+
+# Create .venv (if missing) and install gatewayd with its test tools.
+install:
+    test -x {{py}} || python3 -m venv {{venv}}
+    {{py}} -m pip install -q --upgrade pip
+    {{py}} -m pip install -q -e '.[test]'
+
+# Prepare the npm harness (official SpacetimeDB TypeScript SDK) used by node-marked tests.
+harness:
+    bash tests/harness/ts-sdk/setup.sh
+
+# Run the whole test suite.
+test *ARGS: harness
+    {{py}} -m pytest {{ARGS}}
+
+# Lint, format check, strict typing, and the house rules (bounded channels, no print).
+check:
+    {{bin}}/ruff check gatewayd tests bench
+    {{bin}}/ruff format --check gatewayd tests bench
+    {{bin}}/mypy
+    ! grep -rnE 'math\.inf|open_memory_channel\(\s*inf' gatewayd
+    ! grep -rnE '^\s*print\(' gatewayd --include=*.py | grep -v 'gatewayd/cli.py'
+
+# Benchmarks (results in bench/README.md).
+bench:
+    {{py}} bench/decode_rows.py
+
+# The dev peer with the demo module on 127.0.0.1:3000 (Ctrl-C stops it).
+demo:
+    {{bin}}/gatewayd peer --port 3000 --module demo
+
+# What CI runs (.ci/run calls this after installing from scratch).
+ci: check test
