@@ -54,7 +54,7 @@ MAX_CACHED_ISSUERS: Final = 256  # a bound on memory if clients present many iss
 _KNOWN_CLAIMS: Final = frozenset(("hex_identity", "sub", "iss", "aud", "iat", "exp"))
 
 
-class TokenRejected(Exception):  # noqa: N818 - the peer's answer, not a failure of the peer
+class TokenRejected(Exception):
     """A token (or Authorization header) the peer refuses; ``status`` is the HTTP answer."""
 
     def __init__(self, message: str, *, status: int = 401) -> None:

@@ -36,6 +36,7 @@ All writes to the socket go through one ``StrictFIFOLock``; each WebSocket messa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -79,6 +80,13 @@ class _CloseRequest:
 
     code: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    """Put in the outgoing queue; the writer sets ``done`` once everything before it is sent."""
+
+    done: trio.Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +141,7 @@ class WsConnection:
         self.query_sets: dict[int, list[Query]] = {}
         # Outgoing messages in commit order. Bounded like upstream's client channel: a client
         # that cannot keep up is dropped (deliver() never blocks the committing task).
-        self._out_send, self._out_recv = trio.open_memory_channel[m.ServerMessage](
+        self._out_send, self._out_recv = trio.open_memory_channel[m.ServerMessage | _Flush](
             self.settings.outgoing_queue_count
         )
         # Upstream queues at most 16384 incoming messages and closes with 1013 beyond that.
@@ -210,7 +218,7 @@ class WsConnection:
                 return
         self._enqueue(msg)
 
-    def _enqueue(self, msg: m.ServerMessage) -> None:
+    def _enqueue(self, msg: m.ServerMessage | _Flush) -> None:
         try:
             self._out_send.send_nowait(msg)
         except trio.WouldBlock:
@@ -280,15 +288,11 @@ class WsConnection:
         if self._reset_on_close:
             sock = getattr(self.stream, "socket", None)
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
         with trio.CancelScope(shield=True):
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await trio.aclose_forcefully(self.stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -320,6 +324,12 @@ class WsConnection:
         self._closing = True
         self.close_reason = f"{code} {reason}"
         logger.info("peer: closing connection #%d with %d: %s", self.id, code, reason)
+        if not from_reader:
+            # Messages already produced (results of earlier requests) go out first.
+            flushed = trio.Event()
+            self._enqueue(_Flush(flushed))
+            with trio.move_on_after(self.settings.close_timeout_s):
+                await flushed.wait()
         try:
             data = self.ws.send(CloseConnection(code=code, reason=_truncate_reason(reason)))
         except WsLocalError:
@@ -378,15 +388,17 @@ class WsConnection:
                 self._peer_closed.set()  # the reply to our close frame
                 return False
             self.close_reason = self.close_reason or f"client closed with {event.code} {event.reason}"
-            try:
+            with contextlib.suppress(WsLocalError):
                 await self._send_raw(self.ws.send(event.response()))
-            except WsLocalError:
-                pass
             self._scope.cancel()
             return False
         elif isinstance(event, TextMessage):
-            await self.close(1011, "v2 websocket does not support text messages", from_reader=True)
-            return False
+            # An error in its turn: earlier binary messages are handled first (as upstream).
+            try:
+                self._in_send.send_nowait(_CloseRequest(1011, "v2 websocket does not support text messages"))
+            except trio.WouldBlock:
+                await self.close(1013, "too many requests", from_reader=True)
+                return False
         elif isinstance(event, BytesMessage):
             self._message_buf += event.data
             if len(self._message_buf) > self.settings.max_message_bytes:
@@ -476,13 +488,20 @@ class WsConnection:
         limit = self.settings.v3_max_payload_bytes
         async for first in self._out_recv:
             await self._wait_unstalled()
+            if isinstance(first, _Flush):
+                first.done.set()
+                continue
             bodies = [m.encode_server_message(first)]
             size = len(bodies[0])
+            flush: _Flush | None = None
             if self.protocol is m.Protocol.V3:
                 while size < limit:
                     try:
                         nxt = self._out_recv.receive_nowait()
                     except trio.WouldBlock:
+                        break
+                    if isinstance(nxt, _Flush):
+                        flush = nxt
                         break
                     body = m.encode_server_message(nxt)
                     if size + len(body) > limit:
@@ -492,6 +511,8 @@ class WsConnection:
                     size += len(body)
             if bodies:
                 await self._send_payload(b"".join(bodies), len(bodies))
+            if flush is not None:
+                flush.done.set()
 
     async def _send_payload(self, body: bytes, count: int) -> None:
         payload = m.wrap_server_body(body, self.compression)

@@ -54,7 +54,7 @@ T = TypeVar("T")
 DATABASE_ISSUER = "gatewayd-dev-peer"
 
 
-class DuplicateQuerySet(Exception):  # noqa: N818 - mirrors upstream's error, which closes with 1011
+class DuplicateQuerySet(Exception):
     """A Subscribe reused a live query_set_id; upstream closes the connection with 1011."""
 
 

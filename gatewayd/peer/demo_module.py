@@ -399,7 +399,7 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
         do_create(ctx, actor, tenant_id, title, body, None)
 
     @mod.reducer(id=U64, title=STRING, body=STRING)
-    def update_document(ctx: ReducerContext, id: int, title: str, body: str) -> None:  # noqa: A002
+    def update_document(ctx: ReducerContext, id: int, title: str, body: str) -> None:
         actor = actor_of(ctx)
         doc = document(ctx, id)
         check_claims_fresh(ctx, actor, doc["tenant_id"])
@@ -407,7 +407,7 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
         do_update(ctx, actor, doc, title, body, None)
 
     @mod.reducer(id=U64)
-    def delete_document(ctx: ReducerContext, id: int) -> None:  # noqa: A002
+    def delete_document(ctx: ReducerContext, id: int) -> None:
         actor = actor_of(ctx)
         doc = document(ctx, id)
         check_claims_fresh(ctx, actor, doc["tenant_id"])
@@ -466,7 +466,7 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
         on_behalf_of: str | None,
         id: int,
         title: str,
-        body: str,  # noqa: A002
+        body: str,
     ) -> None:
         if ctx.db.service_account.find(ctx.sender) is None:
             raise ReducerError("only the gateway's service identity may call delegated reducers")
@@ -475,7 +475,7 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
         do_update(ctx, actor, doc, title, body, on_behalf_of)
 
     @mod.reducer(actor_id=STRING, on_behalf_of=option(STRING), id=U64)
-    def delete_document_as(ctx: ReducerContext, actor_id: str, on_behalf_of: str | None, id: int) -> None:  # noqa: A002
+    def delete_document_as(ctx: ReducerContext, actor_id: str, on_behalf_of: str | None, id: int) -> None:
         if ctx.db.service_account.find(ctx.sender) is None:
             raise ReducerError("only the gateway's service identity may call delegated reducers")
         doc = document(ctx, id)
@@ -485,7 +485,7 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
     # --- tenants and memberships (human-only) --------------------------------------------------
 
     @mod.reducer(id=STRING, name=STRING)
-    def create_tenant(ctx: ReducerContext, id: str, name: str) -> None:  # noqa: A002
+    def create_tenant(ctx: ReducerContext, id: str, name: str) -> None:
         actor = actor_of(ctx)
         require_human(actor)
         if not id or not name.strip():
@@ -633,7 +633,7 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
         audit(ctx, tenant_id, "grant.impersonation", actor["id"], f"actor:{grantee_actor_id}")
 
     @mod.reducer(id=U64)
-    def revoke_impersonation(ctx: ReducerContext, id: int) -> None:  # noqa: A002
+    def revoke_impersonation(ctx: ReducerContext, id: int) -> None:
         actor = actor_of(ctx)
         grant = ctx.db.impersonation_grant.find(id)
         if grant is None:

@@ -64,7 +64,7 @@ class ReducerError(Exception):
     """A reducer's user error: rolled back and returned to the caller as ``Err(str(self))``."""
 
 
-class ConstraintViolation(Exception):  # noqa: N818 - named after SpacetimeDB's error kind
+class ConstraintViolation(Exception):
     """An insert or update broke a unique index or the primary key.
 
     Not a :class:`ReducerError`: like a panicking ``insert`` in a Rust module it fails the reducer

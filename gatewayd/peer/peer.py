@@ -8,7 +8,7 @@ import logging
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NoReturn
 
@@ -363,10 +363,8 @@ class Peer:
                 await trio.aclose_forcefully(stream)
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
-        try:
+        with suppress(OSError):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         await self.serve_stream(stream)
 
     async def _listen_task(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

@@ -18,6 +18,7 @@ validated, or an identity minted, and the ``spacetime-identity*`` headers are ad
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http
 import json
@@ -129,18 +130,14 @@ class HttpFront:
                     return
         except h11.RemoteProtocolError as exc:
             if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                try:
+                with contextlib.suppress(_Closed, h11.LocalProtocolError):
                     await self._send(h, stream, Response.text(exc.error_status_hint, str(exc)), close=True)
-                except (_Closed, h11.LocalProtocolError):
-                    pass
         except _Closed:
             pass
         finally:
             with trio.CancelScope(shield=True):
-                try:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     await trio.aclose_forcefully(stream)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
 
     async def _next(self, h: h11.Connection, stream: trio.abc.Stream) -> Any:
         while True:
@@ -389,7 +386,7 @@ class HttpFront:
         assert accepted is not None
         db, protocol, compression, connection_id = accepted
         key = req.header("sec-websocket-key") or ""
-        accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest())  # noqa: S324 - RFC 6455
+        accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest())
         headers = [
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),

@@ -460,7 +460,8 @@ class _Parser:
             # literal op column == column (mirrored op) literal
             mirrored = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}.get(op, op)
             return self.compile_cmp(right, mirrored, left)
-        assert isinstance(left, _Col) and isinstance(right, _Lit)
+        assert isinstance(left, _Col)
+        assert isinstance(right, _Lit)
         name, ty = self.column(left)
         key = self.key(ty, op)
         lit = _coerce(self.schema, right, ty, self.sender)
