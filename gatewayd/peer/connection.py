@@ -268,9 +268,11 @@ class WsConnection:
         Cancellation: cancelling the caller ends the connection abruptly (no close frame).
         Resource handling: closes the stream; detaching from the database is the caller's job.
         """
-        self._enqueue(m.InitialConnection(self.identity, self.connection_id, self.claims.token))
         try:
             with self._scope:
+                # Sent before any task starts, so it is always the first message (§5.1).
+                first = m.InitialConnection(self.identity, self.connection_id, self.claims.token)
+                await self._send_payload(m.encode_server_message(first), 1)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
                         self._reader_task, nursery.cancel_scope, name=f"peer-ws#{self.id}-reader"
@@ -297,10 +299,17 @@ class WsConnection:
     # --- sending -------------------------------------------------------------------------------
 
     async def _send_raw(self, data: bytes) -> None:
+        """Write bytes; a dead socket ends the connection (the caller is then cancelled)."""
         if not data:
             return
-        async with self._send_lock:
-            await self.stream.send_all(data)
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.close_reason = self.close_reason or f"socket error: {exc!r}"
+            self._peer_closed.set()
+            self._scope.cancel()
+            await trio.lowlevel.checkpoint()
 
     def _frames(self, payload: bytes) -> bytes:
         """One binary message, fragmented like upstream (``fragment_bytes`` per frame)."""

@@ -356,6 +356,9 @@ class Peer:
             self._tcp_scopes[conn_no] = scope
             try:
                 await self._front.serve_stream(stream, conn_no)
+            except Exception:
+                # The per-connection boundary: one connection's failure never stops the peer.
+                logger.exception("peer: connection %d failed", conn_no)
             finally:
                 del self._tcp_scopes[conn_no]
         if scope.cancelled_caught:
