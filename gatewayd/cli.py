@@ -37,6 +37,58 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     return run_peer_cli(host=args.host, port=args.port, module_name=args.module)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gatewayd.demo import run_demo_cli
+
+    return run_demo_cli(args.port)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import trio
+
+    from gatewayd.config import load_config
+    from gatewayd.errors import ConfigError
+    from gatewayd.main import build_gateway, run_until_signal, serve_gateway, setup_logging
+
+    try:
+        config = load_config(args.config)
+        gateway = build_gateway(config, base=Path(args.config).parent)
+    except ConfigError as exc:
+        print(f"gatewayd: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging.level, config.logging.format)
+
+    async def body(shutdown: trio.Event) -> None:
+        await serve_gateway(gateway, shutdown=shutdown)
+
+    try:
+        trio.run(run_until_signal, body)
+    except OSError as exc:
+        print(f"gatewayd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from gatewayd.config import load_config
+    from gatewayd.errors import ConfigError
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: invalid", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"  - {line}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: ok ({len(config.streams)} streams, {len(config.reducers)} reducers, "
+        f"{len(config.auth.issuers)} issuers; upstream {config.upstream.url} database {config.upstream.database})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gatewayd",
@@ -70,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--port", type=int, default=3000, help="0 picks a free port")
     peer.add_argument("--module", default="demo", help="module to serve (default: demo)")
     peer.set_defaults(func=_cmd_peer)
+
+    run = sub.add_parser("run", help="run the gateway daemon (what systemd starts)")
+    run.add_argument("--config", required=True, help="the TOML config file")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run everything embedded on 127.0.0.1: dev peer, gateway, demo page and a writer",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="the gateway's port (0 picks a free one)")
+    demo.set_defaults(func=_cmd_demo)
+
+    check = sub.add_parser("check-config", help="validate a config file and explain every problem")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check_config)
     return parser
 
 

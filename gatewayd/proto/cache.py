@@ -36,12 +36,17 @@ ChangeKind = Literal["inserted", "updated", "deleted", "event"]
 
 @dataclass(frozen=True, slots=True)
 class RowChange:
-    """One row-level change. ``old`` is set for ``updated`` (the previous row)."""
+    """One row-level change. ``old`` is set for ``updated`` (the previous row).
+
+    ``key`` identifies the row within its table: the primary-key value (a tuple for composite
+    keys), or the row's BSATN bytes for tables without one; ``None`` for event-table rows.
+    """
 
     table: str
     kind: ChangeKind
     row: Any
     old: Any = None
+    key: Hashable = None
 
 
 class _Entry:
@@ -200,12 +205,12 @@ class ClientCache:
         for (table, key), old in deleted.items():
             new = inserted.get((table, key))
             if new is None:
-                changes.append(RowChange(table, "deleted", old.value))
+                changes.append(RowChange(table, "deleted", old.value, key=key))
             elif new.raw != old.raw:
-                changes.append(RowChange(table, "updated", new.value, old.value))
+                changes.append(RowChange(table, "updated", new.value, old.value, key))
         for (table, key), new in inserted.items():
             if (table, key) not in deleted:
-                changes.append(RowChange(table, "inserted", new.value))
+                changes.append(RowChange(table, "inserted", new.value, key=key))
         return changes
 
     def drop_query_set(self, qsid: int) -> list[RowChange]:
@@ -223,7 +228,7 @@ class ClientCache:
                 e.count -= n
                 if e.count <= 0:
                     del rows[key]
-                    changes.append(RowChange(table, "deleted", e.value))
+                    changes.append(RowChange(table, "deleted", e.value, key=key))
         return changes
 
     # --- inspection and reconciliation -----------------------------------------------------
@@ -253,10 +258,10 @@ class ClientCache:
             for key, e in mine.items():
                 o = theirs.get(key)
                 if o is None:
-                    changes.append(RowChange(table, "deleted", e.value))
+                    changes.append(RowChange(table, "deleted", e.value, key=key))
                 elif (o.raw != e.raw) if same_schema else (o.value != e.value):
-                    changes.append(RowChange(table, "updated", o.value, e.value))
+                    changes.append(RowChange(table, "updated", o.value, e.value, key))
             for key, o in theirs.items():
                 if key not in mine:
-                    changes.append(RowChange(table, "inserted", o.value))
+                    changes.append(RowChange(table, "inserted", o.value, key=key))
         return changes

@@ -449,7 +449,7 @@ class UpstreamSupervisor:
         old = self.active
         base = old.cache if old is not None else self._baseline
         if base is None:
-            changes = [RowChange(t, "inserted", v) for t, _k, _r, v in new.cache.items()]
+            changes = [RowChange(t, "inserted", v, key=k) for t, k, _r, v in new.cache.items()]
             cause = "initial"
         else:
             changes = base.diff_to(new.cache)

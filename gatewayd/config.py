@@ -1,0 +1,261 @@
+"""gatewayd's configuration: one strict TOML file (example: conf/gatewayd.toml).
+
+Strict means: unknown keys are errors, every value is type-checked, and every error names its
+path (``$.streams[0].tenant_column``). Durations end in ``_s``, sizes in ``_bytes`` or ``_count``.
+Secrets are never inline: they are read from a file path or an environment variable name, and are
+left out of ``repr``.
+
+Parsing and validation live here; nothing below ``main`` reads the environment or the file system
+for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import urllib.parse
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from gatewayd.errors import ConfigError
+
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class UpstreamConfig(_Strict):
+    # http(s)://host[:port] of the SpacetimeDB server (the WebSocket URL is derived).
+    url: str
+    database: str
+    # The service connection's token: a file holding it, or an environment variable naming it.
+    # Neither: anonymous (SpacetimeDB mints an identity; fine for the dev peer, not production).
+    token_file: str | None = None
+    token_env: str | None = None
+    compression: Literal["none", "gzip", "brotli"] = "gzip"
+    connect_timeout_s: float = 10.0
+    ping_interval_s: float = 15.0
+    ping_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    auth_backoff_initial_s: float = 10.0
+    auth_backoff_max_s: float = 300.0
+    call_wait_s: float = 5.0
+    # SpacetimeDB's own limit for one message.
+    max_message_bytes: int = 32 * 1024 * 1024
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Request heads larger than this are refused (431); bodies larger (413).
+    max_head_bytes: int = 16 * 1024
+    max_body_bytes: int = 1024 * 1024
+    # A client must send its request head within this (slowloris guard).
+    head_timeout_s: float = 10.0
+
+
+class SseConfig(_Strict):
+    heartbeat_s: float = 15.0
+    # Browsers wait retry_ms (+ a random 0..retry_jitter_ms per connection) before reconnecting,
+    # so a restart does not bring every client back in the same second.
+    retry_ms: int = 2000
+    retry_jitter_ms: int = 3000
+    # Per-client backlog when its socket is full; beyond it the client is cut and must resume.
+    client_buffer_bytes: int = 256 * 1024
+    send_timeout_s: float = 15.0
+    max_streams_per_principal: int = 16
+    snapshot_chunk_rows: int = 500
+
+
+class EventLogConfig(_Strict):
+    # Replay ring per (stream, tenant): a client that was away for fewer events than this resumes
+    # exactly; beyond it, it gets reset + snapshot.
+    max_events_per_partition_count: int = 1000
+    max_bytes_per_partition: int = 1024 * 1024
+    # All rings together (least recently active partitions trimmed first).
+    max_total_bytes: int = 256 * 1024 * 1024
+    # Snapshot pages handed out by GET .../snapshot are kept this long for their next pages.
+    snapshot_page_ttl_s: float = 60.0
+    snapshot_pages_count: int = 256
+
+
+class IssuerConfig(_Strict):
+    issuer: str
+    # The issuer's public keys: a JWKS file (local issuers, tests, the demo).
+    jwks_file: str
+    audience: str
+    algorithms: list[Literal["ES256", "RS256", "EdDSA"]] = msgspec.field(default_factory=lambda: ["ES256"])
+    tenant_claim: str = "tenant_id"
+    scope_claim: str = "scope"
+    max_lifetime_s: int = 3600
+    leeway_s: int = 30
+
+
+class AuthConfig(_Strict):
+    issuers: list[IssuerConfig] = msgspec.field(default_factory=list)
+    # Longest accepted bearer token (checked before any parsing).
+    max_token_bytes: int = 8192
+
+
+class StreamConfig(_Strict):
+    name: str
+    tables: list[str]
+    tenant_column: str
+    permission: str
+    # Upstream subscription queries; default: SELECT * FROM <table> for each table.
+    queries: list[str] = msgspec.field(default_factory=list)
+
+
+class ReducerConfig(_Strict):
+    # The name clients use in POST /v1/reducers/{name}.
+    name: str
+    permission: str
+    # The module's reducer to call (default: the same name).
+    upstream: str | None = None
+    # Arguments gatewayd fills from the verified principal; a client sending them is refused.
+    actor_argument: str | None = None
+    tenant_argument: str | None = None
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Strict):
+    upstream: UpstreamConfig
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    sse: SseConfig = msgspec.field(default_factory=SseConfig)
+    event_log: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    streams: list[StreamConfig] = msgspec.field(default_factory=list)
+    reducers: list[ReducerConfig] = msgspec.field(default_factory=list)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def stream_queries(self, s: StreamConfig) -> list[str]:
+        return list(s.queries) or [f"SELECT * FROM {t}" for t in s.tables]
+
+
+def _problems(cfg: Config, base: Path) -> list[str]:
+    """Checks beyond types: ranges, names, cross-references. Every problem, not just the first."""
+    out: list[str] = []
+    u = urllib.parse.urlsplit(cfg.upstream.url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        out.append(f"upstream.url: must be http(s)://host[:port], got {cfg.upstream.url!r}")
+    if not cfg.upstream.database or "/" in cfg.upstream.database:
+        out.append("upstream.database: must be a database name")
+    if cfg.upstream.token_file and cfg.upstream.token_env:
+        out.append("upstream: set token_file or token_env, not both")
+    if cfg.upstream.token_file and not (base / cfg.upstream.token_file).is_file():
+        out.append(f"upstream.token_file: {cfg.upstream.token_file} does not exist")
+    positive = {
+        "upstream.connect_timeout_s": cfg.upstream.connect_timeout_s,
+        "upstream.ping_interval_s": cfg.upstream.ping_interval_s,
+        "upstream.ping_timeout_s": cfg.upstream.ping_timeout_s,
+        "upstream.backoff_initial_s": cfg.upstream.backoff_initial_s,
+        "http.head_timeout_s": cfg.http.head_timeout_s,
+        "sse.heartbeat_s": cfg.sse.heartbeat_s,
+        "sse.send_timeout_s": cfg.sse.send_timeout_s,
+        "sse.client_buffer_bytes": cfg.sse.client_buffer_bytes,
+        "sse.max_streams_per_principal": cfg.sse.max_streams_per_principal,
+        "sse.snapshot_chunk_rows": cfg.sse.snapshot_chunk_rows,
+        "event_log.max_events_per_partition_count": cfg.event_log.max_events_per_partition_count,
+        "event_log.max_bytes_per_partition": cfg.event_log.max_bytes_per_partition,
+        "event_log.max_total_bytes": cfg.event_log.max_total_bytes,
+        "http.max_body_bytes": cfg.http.max_body_bytes,
+    }
+    out += [f"{k}: must be > 0" for k, v in positive.items() if v <= 0]
+    if cfg.upstream.backoff_max_s < cfg.upstream.backoff_initial_s:
+        out.append("upstream.backoff_max_s: must be >= backoff_initial_s")
+    if not 0 <= cfg.http.port <= 65535:
+        out.append(f"http.port: {cfg.http.port} is not a port number")
+    if cfg.sse.retry_ms < 0 or cfg.sse.retry_jitter_ms < 0:
+        out.append("sse.retry_ms / retry_jitter_ms: must be >= 0")
+    if cfg.event_log.max_total_bytes < cfg.event_log.max_bytes_per_partition:
+        out.append("event_log.max_total_bytes: must be >= max_bytes_per_partition")
+    seen: set[str] = set()
+    for i, s in enumerate(cfg.streams):
+        where = f"streams[{i}] ({s.name!r})"
+        if not _NAME.fullmatch(s.name):
+            out.append(f"{where}.name: lowercase letters, digits and _ only (max 63)")
+        if s.name in seen:
+            out.append(f"{where}.name: duplicate stream name")
+        seen.add(s.name)
+        if not s.tables:
+            out.append(f"{where}.tables: at least one table")
+        out += [f"{where}.tables: {t!r} is not a table name" for t in s.tables if not _IDENT.fullmatch(t)]
+        if not _IDENT.fullmatch(s.tenant_column):
+            out.append(f"{where}.tenant_column: {s.tenant_column!r} is not a column name")
+        if not s.permission:
+            out.append(f"{where}.permission: required")
+    names: set[str] = set()
+    for i, r in enumerate(cfg.reducers):
+        where = f"reducers[{i}] ({r.name!r})"
+        if not _IDENT.fullmatch(r.name):
+            out.append(f"{where}.name: not a reducer name")
+        if r.name in names:
+            out.append(f"{where}.name: duplicate")
+        names.add(r.name)
+        if r.upstream is not None and not _IDENT.fullmatch(r.upstream):
+            out.append(f"{where}.upstream: not a reducer name")
+    for i, iss in enumerate(cfg.auth.issuers):
+        where = f"auth.issuers[{i}]"
+        if not iss.issuer:
+            out.append(f"{where}.issuer: required")
+        if not (base / iss.jwks_file).is_file():
+            out.append(f"{where}.jwks_file: {iss.jwks_file} does not exist")
+        if not iss.algorithms:
+            out.append(f"{where}.algorithms: at least one")
+        if not 0 <= iss.leeway_s <= 30:
+            out.append(f"{where}.leeway_s: must be between 0 and 30")
+        if iss.max_lifetime_s <= 0:
+            out.append(f"{where}.max_lifetime_s: must be > 0")
+    return out
+
+
+def parse_config(doc: dict[str, Any], *, base: Path = Path(".")) -> Config:
+    """Validate a parsed TOML document. Raises ConfigError listing every problem found."""
+    try:
+        cfg = msgspec.convert(doc, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc).replace("Object contains unknown field", "unknown key")) from None
+    problems = _problems(cfg, base)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; relative paths inside resolve against its folder."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(doc, base=p.parent)
+
+
+def read_secret(*, file: str | None, env: str | None, base: Path = Path(".")) -> str | None:
+    """A secret from a file (whitespace stripped) or an environment variable; None if neither."""
+    if file:
+        try:
+            return (base / file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {file}: {exc.strerror}") from None
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"environment variable {env} is not set")
+        return value.strip()
+    return None

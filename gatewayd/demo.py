@@ -1,0 +1,218 @@
+"""``gatewayd demo``: the dev peer, a local token issuer, the gateway and a demo page, on 127.0.0.1.
+
+Everything runs in one process:
+
+* the dev peer serving the demo module as database ``demo`` (gatewayd's service identity is
+  registered in the module's ``service_account`` table, so delegated writes are accepted);
+* a local issuer ("gatewayd-demo", ES256) for demo users' tokens; its JWKS is written to a
+  temporary folder the gateway config points at;
+* the gateway, streaming ``documents`` per tenant and exposing ``create_document``,
+  ``update_document`` and ``delete_document`` (delegated: the acting user is taken from the token);
+* a page at ``/`` that signs in as a demo user and shows the documents live;
+* a background writer that edits a document every few seconds.
+
+Ctrl-C stops everything (streams get a ``shutdown`` event first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+import trio
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gatewayd.config import parse_config
+from gatewayd.errors import GatewayError
+from gatewayd.main import Gateway, build_gateway, run_until_signal, serve_gateway, setup_logging
+from gatewayd.proto.identity import identity_hex
+from gatewayd.services.supervisor import UpstreamState, static_token
+
+logger = logging.getLogger(__name__)
+
+DEMO_ISSUER: Final = "gatewayd-demo"
+DEMO_AUDIENCE: Final = "gatewayd"
+DEMO_KID: Final = "demo-1"
+SERVICE_ISSUER: Final = "gatewayd-demo-service"
+SERVICE_SUBJECT: Final = "gatewayd"
+TOKEN_LIFETIME_S: Final = 8 * 3600
+ALL_DOC_SCOPES: Final = "document.read document.create document.update document.delete"
+DEMO_USERS: Final = {
+    "alice": ("user:alice", "acme", ALL_DOC_SCOPES),
+    "bob": ("user:bob", "acme", ALL_DOC_SCOPES),
+    "carol": ("user:carol", "globex", ALL_DOC_SCOPES),
+}
+WRITER_INTERVAL_S: Final = 3.0
+
+
+class DemoIssuer:
+    """A local ES256 issuer for demo users (never for production: see the token broker)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update({"kid": DEMO_KID, "use": "sig", "alg": "ES256"})
+        self.jwks_path = folder / "demo-jwks.json"
+        self.jwks_path.write_text(json.dumps({"keys": [jwk]}))
+
+    def mint(self, user: str) -> str:
+        sub, tenant, scope = DEMO_USERS[user]
+        now = int(time.time())
+        claims = {
+            "iss": DEMO_ISSUER,
+            "sub": sub,
+            "aud": DEMO_AUDIENCE,
+            "iat": now,
+            "exp": now + TOKEN_LIFETIME_S,
+            "jti": uuid.uuid4().hex,
+            "tenant_id": tenant,
+            "scope": scope,
+        }
+        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": DEMO_KID})
+
+
+def demo_config(peer_url: str, port: int, jwks_path: Path) -> dict[str, Any]:
+    return {
+        "upstream": {"url": peer_url, "database": "demo", "backoff_initial_s": 0.2, "backoff_max_s": 5.0},
+        "http": {"host": "127.0.0.1", "port": port},
+        "sse": {"heartbeat_s": 15.0, "retry_ms": 1000, "retry_jitter_ms": 2000},
+        "auth": {
+            "issuers": [
+                {
+                    "issuer": DEMO_ISSUER,
+                    "jwks_file": str(jwks_path),
+                    "audience": DEMO_AUDIENCE,
+                    "algorithms": ["ES256"],
+                    "max_lifetime_s": TOKEN_LIFETIME_S,
+                }
+            ]
+        },
+        "streams": [
+            {
+                "name": "documents",
+                "tables": ["document"],
+                "tenant_column": "tenant_id",
+                "permission": "document.read",
+            }
+        ],
+        "reducers": [
+            {
+                "name": "create_document",
+                "upstream": "create_document_as",
+                "permission": "document.create",
+                "actor_argument": "actor_id",
+                "tenant_argument": "tenant_id",
+            },
+            {
+                "name": "update_document",
+                "upstream": "update_document_as",
+                "permission": "document.update",
+                "actor_argument": "actor_id",
+            },
+            {
+                "name": "delete_document",
+                "upstream": "delete_document_as",
+                "permission": "document.delete",
+                "actor_argument": "actor_id",
+            },
+        ],  # fmt: skip
+    }
+
+
+async def _writer(gateway: Gateway, rng: random.Random) -> None:
+    """Keep changes flowing: every few seconds, a user edits one of their tenant's documents."""
+    n = 0
+    while True:
+        await trio.sleep(WRITER_INTERVAL_S)
+        sup = gateway.supervisor
+        if sup.state is not UpstreamState.LIVE or sup.cache is None:
+            continue
+        docs = sup.cache.rows("document")
+        if not docs:
+            continue
+        doc = rng.choice(docs)
+        actor = {"acme": "user:alice", "globex": "user:carol"}.get(doc["tenant_id"])
+        if actor is None:
+            continue
+        n += 1
+        args = {"actor_id": actor, "on_behalf_of": None, "id": doc["id"], "title": doc["title"],
+                "body": f"Edited by the demo writer (#{n}) at {time.strftime('%H:%M:%S')}."}  # fmt: skip
+        try:
+            await sup.call_reducer_json("update_document_as", args)
+        except GatewayError as exc:
+            logger.info("demo writer: %s", exc)
+
+
+async def serve_demo(
+    *,
+    port: int,
+    shutdown: trio.Event,
+    out: Callable[[str], None],
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    from gatewayd.peer import DemoConfig, PeerAuth, make_demo_module, open_peer
+
+    with tempfile.TemporaryDirectory(prefix="gatewayd-demo-") as tmp:
+        issuer = DemoIssuer(Path(tmp))
+        peer_auth = PeerAuth()
+        service_token = peer_auth.mint(SERVICE_SUBJECT, issuer=SERVICE_ISSUER)
+        service_identity = identity_hex(SERVICE_ISSUER, SERVICE_SUBJECT)
+        module = make_demo_module(DemoConfig(service_identities=frozenset({service_identity})))
+        async with open_peer(module, port=0, auth=peer_auth) as peer:
+            config = parse_config(demo_config(peer.base_url, port, issuer.jwks_path))
+            gateway = build_gateway(config, token_source=static_token(service_token))
+            gateway.demo_page = True
+            gateway.demo_login = lambda: {u: issuer.mint(u) for u in DEMO_USERS}
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(partial_serve(gateway, shutdown))
+                host, gport = bound[0]
+                url = f"http://{host}:{gport}/"
+                out(f"url: {url}")
+                out(f"token: {issuer.mint('alice')}")
+                out(f"peer: {peer.base_url}/")
+                out(f'try: curl -N -H "Authorization: Bearer $TOKEN" {url}v1/streams/documents')
+                with trio.move_on_after(10):
+                    while gateway.supervisor.state is not UpstreamState.LIVE:
+                        await gateway.supervisor.wait_state_change()
+                async with trio.open_nursery() as writers:
+                    writers.start_soon(_writer, gateway, random.Random(), name="demo-writer")
+                    task_status.started(gateway)
+                    await shutdown.wait()
+                    writers.cancel_scope.cancel()
+                # serve_gateway drains the streams and returns by itself.
+
+
+def partial_serve(gateway: Gateway, shutdown: trio.Event) -> Any:
+    async def run(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+        await serve_gateway(gateway, shutdown=shutdown, shutdown_grace_s=2.0, task_status=task_status)
+
+    return run
+
+
+def run_demo_cli(port: int) -> int:
+    setup_logging("INFO")
+
+    def out(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    async def body(shutdown: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_demo(port=port, shutdown=shutdown, out=out,
+                                                               task_status=task_status))  # fmt: skip
+
+    try:
+        trio.run(run_until_signal, body)
+    except OSError as exc:
+        sys.stderr.write(f"gatewayd demo: {exc}\n")
+        return 1
+    return 0

@@ -1,0 +1,239 @@
+"""The Quart-Trio application: the HTTP API (everything but the native stream path).
+
+``create_app(gateway)`` takes the running services; it starts none of its own (STYLE.md rule 6).
+Every error leaves as ``{"error": {"code", "message", "correlation_id"}}`` with the matching status;
+details and stack traces go to the log under the same correlation id, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from gatewayd.errors import EncodeError, OutcomeUnknownError, SchemaError, UpstreamUnavailableError
+from gatewayd.http.front import SSE_HEAD, bearer_or_cookie
+from gatewayd.proto import client as pc
+from gatewayd.proto.tokens import Principal, TokenInvalid
+from gatewayd.services.hub import iter_subscriber
+from gatewayd.services.streams import StreamError
+from gatewayd.services.supervisor import UpstreamState
+
+if TYPE_CHECKING:
+    from gatewayd.main import Gateway
+
+logger = logging.getLogger(__name__)
+_json = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    cid = uuid.uuid4().hex
+    body = _json.encode({"error": {"code": code, "message": message, "correlation_id": cid}})
+    resp = Response(body, status=status, content_type="application/json")
+    resp.headers["X-Correlation-Id"] = cid
+    resp.headers["Cache-Control"] = "no-store"
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    logger.info(
+        "%s %s -> %s %s: %s (correlation_id=%s)", request.method, request.path, status, code, message, cid
+    )
+    return resp
+
+
+def _json_response(doc: Any, status: int = 200) -> Response:
+    resp = Response(_json.encode(doc), status=status, content_type="application/json")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def create_app(gateway: Gateway) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = gateway.config.http.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None
+
+    def principal(*, allow_cookie: bool) -> Principal:
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        if not allow_cookie:
+            headers = [(k, v) for k, v in headers if k != b"cookie"]
+        token = bearer_or_cookie(headers)
+        if token is None:
+            raise ApiError(
+                401,
+                "missing_credentials",
+                "send Authorization: Bearer <token>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            return gateway.authenticate(token)
+        except TokenInvalid as exc:
+            raise ApiError(
+                401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            ) from None
+
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(StreamError)
+    async def _stream_error(exc: StreamError) -> Response:
+        return _error_response(
+            exc.status, exc.code, exc.message, {"Retry-After": "5"} if exc.status == 429 else None
+        )
+
+    @app.errorhandler(404)
+    async def _not_found(_exc: Exception) -> Response:
+        return _error_response(404, "not_found", "no such endpoint")
+
+    @app.errorhandler(405)
+    async def _not_allowed(_exc: Exception) -> Response:
+        return _error_response(405, "method_not_allowed", "method not allowed on this endpoint")
+
+    @app.errorhandler(413)
+    async def _too_large(_exc: Exception) -> Response:
+        return _error_response(
+            413, "body_too_large", f"request body exceeds {gateway.config.http.max_body_bytes} bytes"
+        )
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        cid = uuid.uuid4().hex
+        logger.exception("unexpected error on %s %s (correlation_id=%s)", request.method, request.path, cid)
+        body = _json.encode(
+            {"error": {"code": "internal_error", "message": "internal error", "correlation_id": cid}}
+        )
+        return Response(body, status=500, content_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        sup = gateway.supervisor
+        sets = dict(sup.query_set_status)
+        ready = sup.state is UpstreamState.LIVE and all(v == "applied" for v in sets.values())
+        doc = {"ready": ready, "upstream": sup.state.value, "query_sets": sets, "last_error": sup.last_error}
+        return _json_response(doc, 200 if ready else 503)
+
+    @app.get("/v1/streams/<name>/snapshot")
+    async def snapshot(name: str) -> Response:
+        p = principal(allow_cookie=True)
+        try:
+            limit = int(request.args.get("limit", "1000"))
+        except ValueError:
+            raise ApiError(400, "invalid_limit", "limit must be an integer") from None
+        page = gateway.streams.snapshot_page(
+            p, name, tenant=request.args.get("tenant_id"), limit=limit, page=request.args.get("page")
+        )
+        return _json_response(page)
+
+    @app.get("/v1/streams/<name>")
+    async def stream_fallback(name: str) -> Response:
+        # Reached only on a kept-alive connection already owned by hypercorn (see http/front.py).
+        p = principal(allow_cookie=True)
+        cursor = (
+            request.headers.get("Last-Event-ID")
+            or request.args.get("last_event_id")
+            or request.args.get("cursor")
+        )
+        sub = gateway.streams.open(p, name, tenant=request.args.get("tenant_id"), cursor=cursor, fd=None)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in iter_subscriber(sub):
+                yield chunk
+
+        head_lines = SSE_HEAD.split(b"\r\n")[1:-2]
+        resp = Response(body(), status=200)
+        for line in head_lines:
+            k, _, v = line.decode().partition(": ")
+            if k.lower() != "connection":
+                resp.headers[k] = v
+        resp.timeout = None  # Quart would cut a streamed response after 60 s otherwise
+        return resp
+
+    @app.post("/v1/reducers/<name>")
+    async def call_reducer(name: str) -> Response:
+        p = principal(allow_cookie=False)  # no cookies on writes: no CSRF surface
+        spec = gateway.reducers.get(name)
+        if spec is None:
+            raise ApiError(404, "unknown_reducer", f"no reducer named {name!r} is exposed")
+        if not p.can(spec.permission):
+            raise ApiError(403, "forbidden", f"calling {name!r} needs the {spec.permission!r} permission")
+        raw = await request.get_data(cache=False)
+        try:
+            args = msgspec.json.decode(raw) if raw else {}
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "invalid_json", f"body is not JSON: {exc}") from None
+        if not isinstance(args, dict):
+            raise ApiError(400, "invalid_arguments", "the body must be a JSON object of arguments")
+        for filled, value in ((spec.actor_argument, p.subject), (spec.tenant_argument, p.tenant)):
+            if filled is None:
+                continue
+            if filled in args:
+                raise ApiError(
+                    400, "gateway_filled_argument", f"args.{filled} is filled by the gateway; do not send it"
+                )
+            if value is None:
+                raise ApiError(403, "no_tenant", "the credential names no tenant")
+            args[filled] = value
+        schema = gateway.supervisor.schema
+        if schema is None:
+            raise ApiError(
+                503, "upstream_unavailable", "the upstream schema is not known yet", {"Retry-After": "2"}
+            )
+        upstream = spec.upstream or spec.name
+        try:
+            reducer = schema.reducer(upstream)
+            encoded = schema.codec.encode(reducer.params, args, path="args")
+        except SchemaError:
+            raise ApiError(502, "reducer_missing", f"the database has no reducer {upstream!r}") from None
+        except EncodeError as exc:
+            raise ApiError(400, "invalid_arguments", str(exc)) from None
+        started = time.monotonic()
+        try:
+            outcome = await gateway.supervisor.call_reducer(upstream, encoded)
+        except UpstreamUnavailableError:
+            raise ApiError(503, "upstream_unavailable", "the database is not reachable; the call was not sent",
+                           {"Retry-After": "2"}) from None  # fmt: skip
+        except OutcomeUnknownError:
+            raise ApiError(504, "outcome_unknown", "the link to the database dropped before the result; "
+                           "the call may or may not have been applied") from None  # fmt: skip
+        ms = round((time.monotonic() - started) * 1000, 1)
+        if isinstance(outcome, pc.ReducerCommitted):
+            return _json_response({"status": "committed", "reducer": name, "duration_ms": ms})
+        if isinstance(outcome, pc.ReducerFailed):
+            raise ApiError(422, "reducer_failed", outcome.message)
+        assert isinstance(outcome, pc.ReducerInternalError)
+        logger.warning("reducer %s internal error: %s", upstream, outcome.message)
+        raise ApiError(502, "reducer_internal_error", "the database could not run the reducer")
+
+    if gateway.demo_page:
+
+        @app.get("/")
+        async def demo_page() -> Response:
+            html = resources.files("gatewayd.http").joinpath("demo.html").read_bytes()
+            resp = Response(html, content_type="text/html; charset=utf-8")
+            resp.headers["Cache-Control"] = "no-store"
+            return resp
+
+        @app.get("/demo/token")
+        async def demo_token() -> Response:
+            return _json_response(gateway.demo_login())
+
+    return app

@@ -1,0 +1,291 @@
+"""The HTTP front: one listener, streams served natively, everything else handed to hypercorn.
+
+Why (DESIGN.md "Performance facts"): an SSE event pushed through a per-client ASGI ``send`` costs
+~10x more CPU and latency than writing the pre-encoded frame straight into a non-blocking socket.
+Browsers must reach the API and the streams at one origin, so both share this listener:
+
+1. The front reads the first request head of each new connection with h11 (bounded size and
+   time).
+2. ``GET /v1/streams/{name}`` is served here: the socket's file descriptor goes to the hub, which
+   writes frames to it directly (``gatewayd.services.hub``). The response is close-delimited
+   (``Connection: close``), never compressed.
+3. Anything else (including ``/v1/streams/{name}/snapshot``, malformed requests and oversized
+   heads) is handed, with the bytes already read, to hypercorn's own per-connection server running
+   the Quart-Trio app, which keeps the connection for its whole life (keep-alive included).
+
+A stream request that arrives later on a kept-alive API connection is served by the Quart route
+of the same path through the same hub, on its slower ASGI writer; correctness is identical.
+
+Hypercorn is driven through its per-connection ``TCPServer`` and ``Lifespan`` classes (the same
+ones ``hypercorn.trio.serve`` uses), since its public entry point owns the listening socket.
+Pinned to the hypercorn versions tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import h11
+import msgspec
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from gatewayd.proto.tokens import Principal, TokenInvalid
+from gatewayd.services.hub import run_socket_writer
+from gatewayd.services.streams import StreamError, StreamService
+
+logger = logging.getLogger(__name__)
+
+STREAM_PATH: Final = re.compile(r"/v1/streams/([a-z][a-z0-9_]{0,62})")
+TOKEN_COOKIE: Final = "gatewayd_token"
+
+SSE_HEAD: Final = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache, no-transform\r\n"
+    b"X-Accel-Buffering: no\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+)
+
+_json = msgspec.json.Encoder()
+
+Authenticate = Callable[[str], Principal]
+
+
+def bearer_or_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The credential of a stream request: ``Authorization: Bearer``, else the token cookie
+    (EventSource cannot set headers)."""
+    cookie_token = None
+    for k, v in headers:
+        name = k.lower()
+        if name == b"authorization":
+            scheme, _, value = v.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                return value.strip()
+        elif name == b"cookie":
+            for part in v.decode("latin-1").split(";"):
+                ck, _, cv = part.strip().partition("=")
+                if ck == TOKEN_COOKIE and cv:
+                    cookie_token = cv
+    return cookie_token
+
+
+def error_body(status: int, code: str, message: str, correlation_id: str) -> bytes:
+    return _json.encode({"error": {"code": code, "message": message, "correlation_id": correlation_id}})
+
+
+def _reason(status: int) -> str:
+    return {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            429: "Too Many Requests", 503: "Service Unavailable"}.get(status, "Error")  # fmt: skip
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A socket stream that first yields bytes already read from it (the peeked request head)."""
+
+    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+        self.inner = inner
+        self.socket = inner.socket
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class ApiServer:
+    """Hypercorn's connection server for handed-over connections, with the app's lifespan."""
+
+    def __init__(self, app: Any, config: HypercornConfig) -> None:
+        self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        self.config = config
+        self.state: dict[str, Any] = {}
+        self.context = WorkerContext(None)
+        self._lifespan = Lifespan(self.app, config, self.state)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the app's lifespan (startup, then shutdown when cancelled). Startable."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._lifespan.handle_lifespan)
+            await self._lifespan.wait_for_startup()
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(self.config.graceful_timeout, shield=True):
+                    await self.context.terminated.set()
+                    await self._lifespan.wait_for_shutdown()
+                nursery.cancel_scope.cancel()
+
+    async def handle(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        server = TCPServer(
+            self.app,
+            self.config,
+            self.context,
+            ConnectionState(self.state.copy()),
+            ReplayStream(stream, prefix),  # type: ignore[arg-type]
+        )
+        await server.run()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrontConfig:
+    max_head_bytes: int = 16 * 1024
+    head_timeout_s: float = 10.0
+
+
+class Front:
+    def __init__(
+        self,
+        *,
+        streams: StreamService,
+        authenticate: Authenticate,
+        api: ApiServer,
+        config: FrontConfig,
+    ) -> None:
+        self.streams = streams
+        self.authenticate = authenticate
+        self.api = api
+        self.config = config
+        self.accepting = True
+        self.native_streams = 0
+        self.handed_over = 0
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Per-connection entry point for ``trio.serve_listeners``. Never raises."""
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await stream.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_head_bytes)
+        buffered = bytearray()
+        event: Any = None
+        with trio.move_on_after(self.config.head_timeout_s):
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:
+                    event = None
+                    break
+                if event is not h11.NEED_DATA:
+                    break
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffered += data
+                conn.receive_data(bytes(data))
+        if event is None and not buffered:
+            return  # idle connection that never spoke
+        if isinstance(event, h11.Request) and event.method == b"GET":
+            target = event.target.decode("latin-1")
+            path, _, query = target.partition("?")
+            m = STREAM_PATH.fullmatch(path)
+            if m is not None:
+                self.native_streams += 1
+                await self._serve_stream(stream, m.group(1), query, event.headers.raw_items())
+                return
+        if event is h11.NEED_DATA or (event is None and len(buffered) < 4):
+            return  # timed out before a full head: nothing worth answering
+        self.handed_over += 1
+        await self.api.handle(stream, bytes(buffered))
+
+    async def _respond_error(
+        self, stream: trio.SocketStream, status: int, code: str, message: str, extra: list[str] | None = None
+    ) -> None:
+        cid = uuid.uuid4().hex
+        body = error_body(status, code, message, cid)
+        lines = [
+            f"HTTP/1.1 {status} {_reason(status)}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-store",
+            f"X-Correlation-Id: {cid}",
+            "Connection: close",
+            *(extra or []),
+        ]
+        logger.info("stream request refused: %s %s (%s) correlation_id=%s", status, code, message, cid)
+        with trio.move_on_after(5):
+            await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    async def _serve_stream(
+        self, stream: trio.SocketStream, name: str, query: str, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        if not self.accepting:
+            await self._respond_error(
+                stream, 503, "shutting_down", "the gateway is shutting down", ["Retry-After: 5"]
+            )
+            return
+        params = urllib.parse.parse_qs(query, keep_blank_values=False)
+        token = bearer_or_cookie(headers)
+        if token is None:
+            await self._respond_error(
+                stream,
+                401,
+                "missing_credentials",
+                "send Authorization: Bearer <token>",
+                ["WWW-Authenticate: Bearer"],
+            )
+            return
+        try:
+            principal = self.authenticate(token)
+        except TokenInvalid as exc:
+            await self._respond_error(
+                stream, 401, exc.code, exc.message, ['WWW-Authenticate: Bearer error="invalid_token"']
+            )
+            return
+        cursor = None
+        for k, v in headers:
+            if k.lower() == b"last-event-id" and v:
+                cursor = v.decode("latin-1")
+        cursor = cursor or _one(params, "last_event_id") or _one(params, "cursor")
+        try:
+            sub = self.streams.open(
+                principal,
+                name,
+                tenant=_one(params, "tenant_id"),
+                cursor=cursor,
+                fd=stream.socket.fileno(),
+                head=SSE_HEAD,
+            )
+        except StreamError as exc:
+            extra = ["Retry-After: 5"] if exc.status == 429 else []
+            await self._respond_error(stream, exc.status, exc.code, exc.message, extra)
+            return
+        logger.debug("stream %s opened for %s", sub, principal.subject)
+        await run_socket_writer(sub, stream)
+
+
+def _one(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None

@@ -1,0 +1,263 @@
+"""Wiring: build the services from config and run the task tree (DESIGN.md "Components").
+
+Task tree::
+
+    serve_gateway
+    └── service nursery
+        ├── upstream supervisor        (connect, subscribe, reconcile, refresh; sink = streams)
+        ├── api lifespan               (Quart-Trio startup/shutdown)
+        └── connection nursery         (every client connection: native streams and API)
+            └── accept nursery         (trio.serve_listeners on the front)
+
+Shutdown (the ``shutdown`` event): stop accepting; every stream gets a ``shutdown`` event with a
+randomized ``retry:`` and ends; API connections are told to close; connections get
+``shutdown_grace_s`` to finish; then the supervisor closes the upstream session with a close
+frame, and everything returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from gatewayd.config import Config, read_secret
+from gatewayd.http.front import ApiServer, Front, FrontConfig
+from gatewayd.proto import messages as m
+from gatewayd.proto import sse
+from gatewayd.proto.eventlog import EventLog
+from gatewayd.proto.projection import StreamDef
+from gatewayd.proto.tokens import IssuerKeys, Principal, Verifier, load_jwks
+from gatewayd.services.db_ws import SessionConfig, UpstreamTarget
+from gatewayd.services.hub import HubConfig
+from gatewayd.services.streams import StreamsConfig, StreamService
+from gatewayd.services.supervisor import (
+    SupervisorConfig,
+    TokenSource,
+    UpstreamSupervisor,
+    static_token,
+)
+
+logger = logging.getLogger(__name__)
+
+# After the shutdown event, connections get this long to flush and close.
+DEFAULT_SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass
+class Gateway:
+    """The running services, handed to the HTTP layer (``create_app(gateway)``)."""
+
+    config: Config
+    supervisor: UpstreamSupervisor
+    streams: StreamService
+    verifier: Verifier
+    reducers: dict[str, Any]
+    demo_page: bool = False
+    demo_login: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    bound: list[tuple[str, int]] = field(default_factory=list)
+
+    def authenticate(self, token: str) -> Principal:
+        return self.verifier.verify(token, now=time.time())
+
+
+def build_verifier(config: Config, base: Path) -> Verifier:
+    issuers = []
+    for iss in config.auth.issuers:
+        doc = json.loads((base / iss.jwks_file).read_text())
+        issuers.append(
+            IssuerKeys(
+                issuer=iss.issuer,
+                keys=load_jwks(doc, iss.algorithms),
+                audience=iss.audience,
+                algorithms=frozenset(iss.algorithms),
+                tenant_claim=iss.tenant_claim,
+                scope_claim=iss.scope_claim,
+                max_lifetime_s=iss.max_lifetime_s,
+                leeway_s=iss.leeway_s,
+            )
+        )
+    return Verifier(issuers, max_token_bytes=config.auth.max_token_bytes)
+
+
+def build_gateway(
+    config: Config,
+    *,
+    base: Path = Path("."),
+    token_source: TokenSource | None = None,
+    verifier: Verifier | None = None,
+) -> Gateway:
+    u = config.upstream
+    if token_source is None:
+        token_source = static_token(read_secret(file=u.token_file, env=u.token_env, base=base))
+    streams = [
+        StreamDef(s.name, tuple(s.tables), s.tenant_column, s.permission, tuple(config.stream_queries(s)))
+        for s in config.streams
+    ]
+    log = EventLog(
+        max_events_per_partition=config.event_log.max_events_per_partition_count,
+        max_bytes_per_partition=config.event_log.max_bytes_per_partition,
+        max_total_bytes=config.event_log.max_total_bytes,
+    )
+    service = StreamService(
+        streams,
+        log,
+        HubConfig(
+            client_buffer_bytes=config.sse.client_buffer_bytes,
+            send_timeout_s=config.sse.send_timeout_s,
+            heartbeat_s=config.sse.heartbeat_s,
+            max_streams_per_principal=config.sse.max_streams_per_principal,
+        ),
+        StreamsConfig(
+            retry_ms=config.sse.retry_ms,
+            retry_jitter_ms=config.sse.retry_jitter_ms,
+            snapshot_chunk_rows=config.sse.snapshot_chunk_rows,
+            snapshot_page_ttl_s=config.event_log.snapshot_page_ttl_s,
+            snapshot_pages_count=config.event_log.snapshot_pages_count,
+        ),
+    )
+    sup_cfg = SupervisorConfig(
+        backoff_initial_s=u.backoff_initial_s,
+        backoff_max_s=u.backoff_max_s,
+        auth_backoff_initial_s=u.auth_backoff_initial_s,
+        auth_backoff_max_s=u.auth_backoff_max_s,
+        call_wait_s=u.call_wait_s,
+        session=SessionConfig(
+            connect_timeout_s=u.connect_timeout_s,
+            ping_interval_s=u.ping_interval_s,
+            ping_timeout_s=u.ping_timeout_s,
+            max_message_bytes=u.max_message_bytes,
+            compression={
+                "none": m.Compression.NONE,
+                "gzip": m.Compression.GZIP,
+                "brotli": m.Compression.BROTLI,
+            }[u.compression],  # fmt: skip
+        ),
+    )
+    query_sets = {f"stream:{s.name}": list(s.queries) for s in streams}
+    supervisor = UpstreamSupervisor(
+        target=UpstreamTarget(u.url, u.database),
+        query_sets=query_sets,
+        sink=service.apply,
+        token_source=token_source,
+        config=sup_cfg,
+    )
+    return Gateway(
+        config=config,
+        supervisor=supervisor,
+        streams=service,
+        verifier=verifier or build_verifier(config, base),
+        reducers={r.name: r for r in config.reducers},
+    )
+
+
+async def serve_gateway(
+    gateway: Gateway,
+    *,
+    shutdown: trio.Event,
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole gateway until ``shutdown`` is set; ``task_status.started(bound addresses)``
+    once HTTP is listening (the upstream may still be connecting: see /readyz)."""
+    from gatewayd.http.app import create_app  # quart is heavy; only the daemon needs it
+
+    cfg = gateway.config
+    app = create_app(gateway)
+    hcfg = HypercornConfig()
+    hcfg.keep_alive_timeout = 30
+    hcfg.graceful_timeout = shutdown_grace_s
+    hcfg.accesslog = None
+    api = ApiServer(app, hcfg)
+    front = Front(
+        streams=gateway.streams,
+        authenticate=gateway.authenticate,
+        api=api,
+        config=FrontConfig(max_head_bytes=cfg.http.max_head_bytes, head_timeout_s=cfg.http.head_timeout_s),
+    )
+    listeners = await trio.open_tcp_listeners(cfg.http.port, host=cfg.http.host)
+    bound = [(str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners]
+    gateway.bound = bound
+    async with trio.open_nursery() as services:
+        services.start_soon(gateway.supervisor.serve, name="upstream-supervisor")
+        await services.start(api.serve)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accept:
+                accept.start_soon(
+                    partial(
+                        trio.serve_listeners, front.handle_connection, listeners, handler_nursery=connections
+                    )
+                )
+                logger.info("listening on %s", ", ".join(f"http://{h}:{p}" for h, p in bound))
+                task_status.started(bound)
+                await shutdown.wait()
+                logger.info(
+                    "shutdown: stop accepting, ending %d streams", gateway.streams.hub.subscriber_count()
+                )
+                accept.cancel_scope.cancel()
+            front.accepting = False
+            jitter = random.randint(0, max(1, cfg.sse.retry_jitter_ms))
+            bye = sse.retry(cfg.sse.retry_ms + jitter) + sse.json_frame(
+                msgspec.json.encode({"event": "shutdown", "reason": "gateway shutting down"}),
+                event="shutdown",
+            )
+            gateway.streams.hub.finish_all(bye, "shutdown")
+            await api.context.terminated.set()
+            connections.cancel_scope.deadline = trio.current_time() + shutdown_grace_s
+        logger.info("shutdown: connections closed; closing the upstream session")
+        services.cancel_scope.cancel()
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                doc = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+                if record.exc_info:
+                    doc["exception"] = self.formatException(record.exc_info)
+                return json.dumps(doc)
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+
+
+async def run_until_signal(body: Callable[[trio.Event], Any]) -> None:
+    """Run ``body(shutdown_event)``; SIGINT/SIGTERM set the event, a second signal cancels all."""
+    import signal
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if shutdown.is_set():
+                        logger.warning("second signal: exiting now")
+                        nursery.cancel_scope.cancel()
+                        return
+                    logger.info("signal %s: shutting down", signal.Signals(signum).name)
+                    shutdown.set()
+
+        nursery.start_soon(watch)
+        await body(shutdown)
+        nursery.cancel_scope.cancel()
