@@ -188,3 +188,29 @@ FAST = {"close_timeout_s": 0.5}
 async def peer() -> AsyncIterator[Peer]:
     async with open_peer("demo", **FAST) as p:
         yield p
+
+
+WS_UPGRADE_HEADERS = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Protocol": "v3.bsatn.spacetimedb, v2.bsatn.spacetimedb",
+}
+
+
+async def refused_upgrade(peer: Peer, *, token: str | None = None, database: str = "demo") -> tuple[int, str]:
+    """Attempt an upgrade that is expected to be refused; returns (status, body).
+
+    (trio-websocket leaks its socket when a handshake is rejected, so refusals are checked over
+    plain HTTP.)
+    """
+    import httpx
+
+    headers = dict(WS_UPGRADE_HEADERS)
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with httpx.AsyncClient(base_url=peer.base_url, trust_env=False) as client:
+        r = await client.get(f"/v1/database/{database}/subscribe", headers=headers)
+    assert r.status_code != 101
+    return r.status_code, r.text
