@@ -122,6 +122,8 @@ class PeerDatabase:
         self.specs: dict[str, TableSpec] = dict(module.tables)
         self.schema: ModuleSchema = module.build_schema(self.specs)
         self.store = Store(self.schema)
+        for name, spec in self.specs.items():
+            self.store.tables[name].defaults = dict(spec.defaults)
         self._args_codec = ValueCodec(self.schema.typespace, safe=False)
         self.subscribers: dict[int, Subscriber] = {}
         self.transactions_committed = 0
@@ -431,7 +433,8 @@ class PeerDatabase:
         """Change a table's columns as a module update would; rows are migrated in place.
 
         Columns kept by name (with the same type) keep their values; new columns take
-        ``defaults[name]`` (``None`` for an Option). No message announces the change (as
+        ``defaults[name]`` (``None`` for an Option), in existing rows and in later inserts that
+        leave them out (so reducers written for the old layout keep working). No message announces the change (as
         upstream): later updates simply carry rows in the new layout, and the schema endpoint
         serves the new definition. Subscribed queries are re-checked against the new schema; a
         query set that no longer type-checks is dropped with ``SubscriptionError`` (request_id
@@ -448,6 +451,9 @@ class PeerDatabase:
                 "unique": tuple(u for u in old_spec.unique if set(u) <= names),
                 "indexes": tuple(i for i in old_spec.indexes if set(i) <= names),
                 "auto_inc": tuple(a for a in old_spec.auto_inc if a in names),
+                "defaults": tuple(
+                    (c, v) for c, v in {**dict(old_spec.defaults), **defaults}.items() if c in names
+                ),
             }.items()
             if k not in changes
         }
@@ -458,6 +464,7 @@ class PeerDatabase:
         schema = self.module.build_schema(specs)
         old_state = self.store.tables[table]
         new_state = TableState(schema.tables[table], schema.typespace)
+        new_state.defaults = dict(new_spec.defaults)
         old_types = dict(old_spec.columns)
         for row in old_state.rows.values():
             new_row: dict[str, Any] = {}

@@ -83,6 +83,9 @@ class TableSpec:
     indexes: tuple[tuple[str, ...], ...] = ()
     auto_inc: tuple[str, ...] = ()
     public: bool = True
+    # Values for columns an insert leaves out (set by hotswap for added columns, so reducers
+    # written for the old layout keep working, as a migration's column defaults do upstream).
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -105,7 +108,13 @@ class TableSpec:
             if not _NAME_RE.fullmatch(c):
                 raise ValueError(f"table {self.name!r}: column name {c!r} is not an identifier")
         wanted = [(self.primary_key,)] if self.primary_key else []
-        for cols in [*wanted, *self.unique, *self.indexes, *((c,) for c in self.auto_inc)]:
+        for cols in [
+            *wanted,
+            *self.unique,
+            *self.indexes,
+            *((c,) for c in self.auto_inc),
+            *((c,) for c, _ in self.defaults),
+        ]:
             if not cols:
                 raise ValueError(f"table {self.name!r}: an index or constraint needs columns")
             for c in cols:
@@ -219,6 +228,7 @@ class Module:
         indexes: Iterable[str | Iterable[str]] = (),
         auto_inc: Iterable[str] = (),
         public: bool = True,
+        defaults: Mapping[str, Any] | None = None,
     ) -> TableSpec:
         """Declare a table.
 
@@ -230,6 +240,7 @@ class Module:
             indexes: btree indexes; each a column name or a tuple of names.
             auto_inc: integer columns filled from a sequence when inserted as 0 (or missing).
             public: private tables are readable only by the database owner.
+            defaults: values for columns an insert leaves out.
         """
         if name in self.tables:
             raise ValueError(f"table {name!r} is declared twice")
@@ -242,6 +253,7 @@ class Module:
             indexes=tuple(_col_tuple(i) for i in indexes),
             auto_inc=tuple(auto_inc),
             public=public,
+            defaults=tuple((defaults or {}).items()),
         )
         spec.validate()
         self.tables[name] = spec

@@ -45,6 +45,7 @@ class TableState:
         "col_names",
         "col_types",
         "dec",
+        "defaults",
         "enc",
         "name",
         "rows",
@@ -67,6 +68,7 @@ class TableState:
             ix.columns: {} for ix in tdef.indexes if ix.columns not in self.unique
         }
         self.sequences: dict[int, int] = dict.fromkeys(tdef.auto_inc, 1)
+        self.defaults: dict[str, Any] = {}  # column -> value for inserts that leave it out
         self.scalar = all(is_scalar_type(typespace.resolve(t)) for t in self.col_types)
 
     def __len__(self) -> int:
@@ -218,6 +220,8 @@ class Transaction:
     def insert(self, t: TableState, row: Mapping[str, Any]) -> Row:
         self._check_open()
         row = dict(row)
+        for name, value in t.defaults.items():
+            row.setdefault(name, value)
         for c in t.tdef.auto_inc:
             name = t.col_names[c]
             v = row.get(name, 0)
