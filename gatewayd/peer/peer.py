@@ -55,6 +55,9 @@ class PeerSettings:
     owner_identity: str | None = None  # may read private tables
     max_http_body_bytes: int = 16 * 1024 * 1024
     http_keepalive_s: float = 60.0
+    # Subprotocols the peer accepts, in its order of preference (upstream: v3, then v2; v1 is
+    # refused by the peer). ("v2.bsatn.spacetimedb",) imitates a server without v3.
+    protocols: tuple[str, ...] = ("v3.bsatn.spacetimedb", "v2.bsatn.spacetimedb")
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 RECV_BYTES: Final = 64 * 1024
 MAX_HEADER_BYTES: Final = 64 * 1024  # h11's limit on an incomplete request head
 WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-SUPPORTED_PROTOCOLS: Final = (m.Protocol.V3, m.Protocol.V2)  # server order: v3 first (§1.1)
 _COMPRESSIONS: Final = {
     "None": m.Compression.NONE,
     "Brotli": m.Compression.BROTLI,
@@ -458,7 +457,7 @@ class HttpFront:
         if db is None:
             return Response.text(404, "No such database."), None
         offered = {p.strip() for p in (req.header("sec-websocket-protocol") or "").split(",")}
-        protocol = next((p for p in SUPPORTED_PROTOCOLS if p.value in offered), None)
+        protocol = next((m.Protocol(p) for p in self.settings.protocols if p in offered), None)
         if protocol is None:
             return Response.text(400, "no valid protocol selected"), None
         return None, (db, protocol, compression, raw_cid.lower() if raw_cid else _random_connection_id())
