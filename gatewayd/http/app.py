@@ -223,17 +223,21 @@ def create_app(gateway: Gateway) -> QuartTrio:
         logger.warning("reducer %s internal error: %s", upstream, outcome.message)
         raise ApiError(502, "reducer_internal_error", "the database could not run the reducer")
 
-    if gateway.demo_page:
+    # The demo routes exist only while gateway.demo_page is set; it is read per request, since
+    # `gatewayd demo` may set it after this app was built.
+    @app.get("/")
+    async def demo_page() -> Response:
+        if not gateway.demo_page:
+            raise ApiError(404, "not_found", "no such endpoint")
+        html = resources.files("gatewayd.http").joinpath("demo.html").read_bytes()
+        resp = Response(html, content_type="text/html; charset=utf-8")
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
 
-        @app.get("/")
-        async def demo_page() -> Response:
-            html = resources.files("gatewayd.http").joinpath("demo.html").read_bytes()
-            resp = Response(html, content_type="text/html; charset=utf-8")
-            resp.headers["Cache-Control"] = "no-store"
-            return resp
-
-        @app.get("/demo/token")
-        async def demo_token() -> Response:
-            return _json_response(gateway.demo_login())
+    @app.get("/demo/token")
+    async def demo_token() -> Response:
+        if not gateway.demo_page:
+            raise ApiError(404, "not_found", "no such endpoint")
+        return _json_response(gateway.demo_login())
 
     return app
