@@ -23,7 +23,7 @@ def _stub_gateway() -> Any:
 
 async def test_demo_routes_follow_the_flag_at_request_time() -> None:
     gw = _stub_gateway()
-    app = create_app(cast(Gateway, gw))
+    app = create_app(cast("Gateway", gw))
     client = app.test_client()
     r = await client.get("/")
     assert r.status_code == 404
