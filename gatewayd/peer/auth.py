@@ -404,9 +404,8 @@ def check_claims(payload: Mapping[str, Any], token: str, *, now: float | None = 
         raise TokenRejected("Subject empty")
     ident = identity_hex(iss, sub)
     claimed = payload.get("hex_identity")
-    if claimed is not None:
-        if not isinstance(claimed, str) or claimed.lower().removeprefix("0x") != ident:
-            raise TokenRejected(
-                f"Identity mismatch: token identity {claimed!r} does not match computed identity {ident}"
-            )
+    if claimed is not None and (not isinstance(claimed, str) or claimed.lower().removeprefix("0x") != ident):
+        raise TokenRejected(
+            f"Identity mismatch: token identity {claimed!r} does not match computed identity {ident}"
+        )
     return Claims(ident, iss, sub, audience, dict(payload), token)

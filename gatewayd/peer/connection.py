@@ -292,9 +292,11 @@ class WsConnection:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        with trio.CancelScope(shield=True):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await trio.aclose_forcefully(self.stream)
+        with (
+            trio.CancelScope(shield=True),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await trio.aclose_forcefully(self.stream)
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -340,18 +342,18 @@ class WsConnection:
             with trio.move_on_after(self.settings.close_timeout_s):
                 await flushed.wait()
         try:
-            data = self.ws.send(CloseConnection(code=code, reason=_truncate_reason(reason)))
+            frame = self.ws.send(CloseConnection(code=code, reason=_truncate_reason(reason)))
         except WsLocalError:
-            data = b""
+            frame = b""
         try:
             with trio.move_on_after(self.settings.close_timeout_s):
-                await self._send_raw(data)
+                await self._send_raw(frame)
                 if from_reader:
                     while self.ws.state is not ConnectionState.CLOSED:
                         chunk = await self.stream.receive_some(RECV_BYTES)
                         if not chunk:
                             break
-                        self.ws.receive_data(chunk)
+                        self.ws.receive_data(bytes(chunk))
                         for _ in self.ws.events():
                             pass
                 else:
@@ -366,13 +368,13 @@ class WsConnection:
         try:
             while True:
                 await self._wait_unstalled()
-                data: bytes | None = None
+                data: bytes | bytearray | None = None
                 with trio.CancelScope() as self._recv_scope:
                     data = await self.stream.receive_some(RECV_BYTES)
                 self._recv_scope = None
                 if data is None:
                     continue  # the receive was cancelled by stall()
-                self.ws.receive_data(data if data else None)
+                self.ws.receive_data(bytes(data) if data else None)
                 for event in self.ws.events():
                     self._last_received = trio.current_time()
                     if not await self._on_event(event):

@@ -393,7 +393,7 @@ class PeerDatabase:
             rtype = t.tdef.row_type
             cols = q.columns or t.col_names
             elems = [rtype.elements[t.col_names.index(c)] for c in cols]
-            rows = []
+            rows: list[list[Any]] = []
             for row in t.rows.values():
                 if q.limit is not None and len(rows) >= q.limit:
                     break
@@ -434,8 +434,9 @@ class PeerDatabase:
 
         Columns kept by name (with the same type) keep their values; new columns take
         ``defaults[name]`` (``None`` for an Option), in existing rows and in later inserts that
-        leave them out (so reducers written for the old layout keep working). No message announces the change (as
-        upstream): later updates simply carry rows in the new layout, and the schema endpoint
+        leave them out (so reducers written for the old layout keep working). No message
+        announces the change (as upstream): later updates carry rows in the new layout, and the
+        schema endpoint
         serves the new definition. Subscribed queries are re-checked against the new schema; a
         query set that no longer type-checks is dropped with ``SubscriptionError`` (request_id
         None). ``changes`` may replace other TableSpec fields (``primary_key``, ``indexes``…).
@@ -444,7 +445,7 @@ class PeerDatabase:
         defaults = dict(defaults or {})
         new_cols = tuple(columns.items())
         names = {c for c, _ in new_cols}
-        keep = {
+        keep: dict[str, Any] = {
             k: v
             for k, v in {
                 "primary_key": old_spec.primary_key if old_spec.primary_key in names else None,
@@ -479,8 +480,8 @@ class PeerDatabase:
                     raise ValueError(f"hotswap {table!r}: column {c!r} needs a default for existing rows")
             key, norm = new_state.normalize(new_row)
             new_state.add(key, norm)
-        for c, v in old_state.sequences.items():
-            name = old_state.col_names[c]
+        for col, v in old_state.sequences.items():
+            name = old_state.col_names[col]
             if name in new_state.col_names:
                 new_state.sequences[new_state.col_names.index(name)] = v
         self.specs = specs

@@ -221,7 +221,7 @@ class Module:
     def table(
         self,
         name: str,
-        columns: Mapping[str, AlgebraicType] | Iterable[tuple[str, AlgebraicType]],
+        columns: Mapping[str, AlgebraicType],
         *,
         primary_key: str | None = None,
         unique: Iterable[str | Iterable[str]] = (),
@@ -244,7 +244,7 @@ class Module:
         """
         if name in self.tables:
             raise ValueError(f"table {name!r} is declared twice")
-        cols = tuple(columns.items()) if isinstance(columns, Mapping) else tuple(columns)
+        cols = tuple(columns.items())
         spec = TableSpec(
             name=name,
             columns=cols,

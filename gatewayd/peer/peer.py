@@ -437,8 +437,8 @@ async def open_peer(
     if modules is None:
         if module is None:
             raise ValueError("open_peer needs a module or modules")
-        mod = _resolve_module(module)
-        modules = {mod.name: mod}
+        only = _resolve_module(module)
+        modules = {only.name: only}
     dbs: dict[str, PeerDatabase] = {}
     for name, mod in modules.items():
         db = PeerDatabase(_resolve_module(mod), name=name, owner_identity=cfg.owner_identity)

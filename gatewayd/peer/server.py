@@ -134,9 +134,11 @@ class HttpFront:
         except _Closed:
             pass
         finally:
-            with trio.CancelScope(shield=True):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    await trio.aclose_forcefully(stream)
+            with (
+                trio.CancelScope(shield=True),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await trio.aclose_forcefully(stream)
 
     async def _next(self, h: h11.Connection, stream: trio.abc.Stream) -> Any:
         while True:
@@ -147,7 +149,7 @@ class HttpFront:
                 data = await stream.receive_some(RECV_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise _Closed from None
-            h.receive_data(data)
+            h.receive_data(bytes(data))
 
     async def _read_request(self, h: h11.Connection, stream: trio.abc.Stream, ev: h11.Request) -> Request:
         target = ev.target.decode("latin-1")

@@ -40,21 +40,21 @@ class PeerClient:
         self._rid += 1
         return self._rid
 
-    async def recv_payload(self, timeout: float = WAIT_S) -> list[m.ServerMessage]:
-        with trio.fail_after(timeout):
+    async def recv_payload(self, limit_s: float = WAIT_S) -> list[m.ServerMessage]:
+        with trio.fail_after(limit_s):
             raw = await self.ws.get_message()
         assert isinstance(raw, bytes), "the peer must only send binary frames"
         msgs = m.decode_server_payload(raw, self.protocol)
         self.payloads.append(msgs)
         return msgs
 
-    async def recv(self, timeout: float = WAIT_S) -> m.ServerMessage:
+    async def recv(self, limit_s: float = WAIT_S) -> m.ServerMessage:
         while not self._pending:
-            self._pending.extend(await self.recv_payload(timeout))
+            self._pending.extend(await self.recv_payload(limit_s))
         return self._pending.popleft()
 
-    async def expect(self, kind: type[T], timeout: float = WAIT_S) -> T:
-        msg = await self.recv(timeout)
+    async def expect(self, kind: type[T], limit_s: float = WAIT_S) -> T:
+        msg = await self.recv(limit_s)
         assert isinstance(msg, kind), f"expected {kind.__name__}, got {msg!r:.300}"
         return msg
 
@@ -62,7 +62,7 @@ class PeerClient:
         """Assert no message arrives within ``seconds``."""
         assert not self._pending, f"unexpected message {self._pending[0]!r:.200}"
         with trio.move_on_after(seconds):
-            msg = await self.recv(timeout=seconds + 1)
+            msg = await self.recv(limit_s=seconds + 1)
             pytest.fail(f"unexpected message {msg!r:.300}")
 
     async def send(self, *msgs: m.ClientMessage) -> None:
@@ -90,13 +90,15 @@ class PeerClient:
         assert res.request_id == rid
         return res
 
-    async def closed(self, timeout: float = WAIT_S) -> tuple[int, str | None]:
+    async def closed(self, limit_s: float = WAIT_S) -> tuple[int, str | None]:
         """Wait for the connection to end; returns (close code, reason). 1006 = no close frame."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(limit_s):
             while True:
                 try:
                     await self.ws.get_message()
                 except ConnectionClosed as exc:
+                    if exc.reason is None:
+                        return 1006, None
                     return exc.reason.code, exc.reason.reason
 
     def rows(self, table: str, rows: m.BsatnRowList) -> list[dict[str, Any]]:
@@ -148,12 +150,12 @@ async def connect(
     query: dict[str, str] = {}
     if compression is not None:
         query["compression"] = compression
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes]] = []
     if token is not None:
         if token_in_query:
             query["token"] = token
         else:
-            headers.append(("Authorization", f"Bearer {token}"))
+            headers.append((b"Authorization", f"Bearer {token}".encode()))
     url = peer.subscribe_url(db.name, **query)
     async with open_websocket_url(
         url,
@@ -181,12 +183,9 @@ def handshake_header(client: PeerClient, name: str) -> str:
     raise KeyError(name)
 
 
-FAST = {"close_timeout_s": 0.5}
-
-
 @pytest.fixture
 async def peer() -> AsyncIterator[Peer]:
-    async with open_peer("demo", **FAST) as p:
+    async with open_peer("demo", close_timeout_s=0.5) as p:
         yield p
 
 

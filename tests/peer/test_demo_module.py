@@ -34,7 +34,7 @@ def failed(res: CallResult, needle: str) -> bool:
     return res.status == "failed" and needle in res.message
 
 
-ROBOT = {"api_key_id": "ak-1", "grant_version": 1}
+ROBOT: dict[str, Any] = {"api_key_id": "ak-1", "grant_version": 1}
 
 
 def test_seed_data(db: PeerDatabase) -> None:
@@ -45,16 +45,29 @@ def test_seed_data(db: PeerDatabase) -> None:
         ("globex", "user:bob", "viewer"),
         ("globex", "user:carol", "owner"),
     }
-    assert [d["title"] for d in db.rows("document")] == ["Welcome to Acme", "Quarterly plan", "Globex handbook"]
+    assert [d["title"] for d in db.rows("document")] == [
+        "Welcome to Acme",
+        "Quarterly plan",
+        "Globex handbook",
+    ]
     assert [s["identity"] for s in db.rows("service_account")] == [SERVICE]
-    assert db.schema.tables["document"].columns == ("id", "tenant_id", "title", "body", "updated_at", "updated_by")
+    assert db.schema.tables["document"].columns == (
+        "id",
+        "tenant_id",
+        "title",
+        "body",
+        "updated_at",
+        "updated_by",
+    )
 
 
 def test_members_write_documents_by_role(db: PeerDatabase) -> None:
     alice, bob, carol = who("user:alice"), who("user:bob"), who("user:carol")
     assert call(db, alice, "create_document", "acme", "A", "").ok
     assert call(db, bob, "create_document", "acme", "B", "").ok
-    assert failed(call(db, bob, "create_document", "globex", "C", ""), "may not document.create in tenant globex")
+    assert failed(
+        call(db, bob, "create_document", "globex", "C", ""), "may not document.create in tenant globex"
+    )
     assert failed(call(db, carol, "update_document", 1, "x", ""), "may not document.update in tenant acme")
     assert call(db, bob, "delete_document", 1).ok
     assert failed(call(db, alice, "delete_document", 1), "no such document")
@@ -66,7 +79,7 @@ def test_members_write_documents_by_role(db: PeerDatabase) -> None:
         ("document.create", "user:bob", bob.identity),
         ("document.delete", "user:bob", bob.identity),
     ]
-    new = [d for d in db.rows("document") if d["title"] == "A"][0]
+    new = next(d for d in db.rows("document") if d["title"] == "A")
     assert new["updated_by"] == alice.identity
 
 
@@ -78,9 +91,11 @@ def test_unknown_and_anonymous_callers_cannot_write(db: PeerDatabase) -> None:
 
 def test_unchanged_update_writes_nothing(db: PeerDatabase) -> None:
     res = call(db, who("user:alice"), "update_document", 1, "Welcome to Acme", "Start here.")
-    assert res.ok and res.diff == {}
+    assert res.ok
+    assert res.diff == {}
     res = call(db, who("user:alice"), "assert_permission", "acme", "document.delete")
-    assert res.ok and res.diff == {}
+    assert res.ok
+    assert res.diff == {}
     assert failed(call(db, who("user:bob"), "assert_permission", "acme", "membership.manage"), "may not")
 
 
@@ -90,14 +105,23 @@ def test_robot_rights_come_from_its_api_key_grant(db: PeerDatabase) -> None:
     assert call(db, robot, "update_document", 1, "re-imported", "").ok
     assert failed(call(db, robot, "delete_document", 1), "may not document.delete")
     assert failed(call(db, robot, "create_document", "globex", "t", ""), "may not")
-    assert failed(call(db, who("robot:importer"), "create_document", "acme", "t", ""), "api_key_id and grant_version")
-    assert failed(call(db, who("robot:importer", api_key_id="ak-1", grant_version=0), "create_document", "acme", "t", ""), "stale")
+    assert failed(
+        call(db, who("robot:importer"), "create_document", "acme", "t", ""), "api_key_id and grant_version"
+    )
+    assert failed(
+        call(
+            db, who("robot:importer", api_key_id="ak-1", grant_version=0), "create_document", "acme", "t", ""
+        ),
+        "stale",
+    )
 
 
 def test_bumping_the_grant_version_invalidates_live_robot_tokens(db: PeerDatabase) -> None:
     robot = who("robot:importer", **ROBOT)
     alice = who("user:alice")
-    assert call(db, alice, "set_api_key_grant", "ak-1", "acme", "robot:importer", ["document.create"], True).ok
+    assert call(
+        db, alice, "set_api_key_grant", "ak-1", "acme", "robot:importer", ["document.create"], True
+    ).ok
     assert db.rows("api_key_grant")[0]["version"] == 2
     assert failed(call(db, robot, "create_document", "acme", "t", ""), "version 1 is stale, now 2")
     fresh = who("robot:importer", api_key_id="ak-1", grant_version=2)
@@ -110,8 +134,12 @@ def test_bumping_the_grant_version_invalidates_live_robot_tokens(db: PeerDatabas
 def test_management_is_human_only_and_needs_the_right(db: PeerDatabase) -> None:
     robot = who("robot:importer", **ROBOT)
     assert failed(call(db, robot, "add_member", "acme", "user:carol", "viewer"), "human-only")
-    assert failed(call(db, who("user:bob"), "add_member", "acme", "user:carol", "viewer"), "may not membership.manage")
-    assert failed(call(db, robot, "set_api_key_grant", "ak-2", "acme", "robot:importer", [], True), "human-only")
+    assert failed(
+        call(db, who("user:bob"), "add_member", "acme", "user:carol", "viewer"), "may not membership.manage"
+    )
+    assert failed(
+        call(db, robot, "set_api_key_grant", "ak-2", "acme", "robot:importer", [], True), "human-only"
+    )
     alice = who("user:alice")
     assert call(db, alice, "add_member", "acme", "user:carol", "viewer").ok
     assert failed(call(db, alice, "add_member", "acme", "user:carol", "viewer"), "already a member")
@@ -125,22 +153,33 @@ def test_membership_version_claims_go_stale(db: PeerDatabase) -> None:
     assert call(db, bob_token, "create_document", "acme", "t", "").ok
     assert call(db, who("user:alice"), "set_member_role", "acme", "user:bob", "admin").ok
     (bob,) = [m for m in db.rows("membership") if m["actor_id"] == "user:bob" and m["tenant_id"] == "acme"]
-    assert bob["version"] == 2 and bob["role"] == "admin"
+    assert bob["version"] == 2
+    assert bob["role"] == "admin"
     assert failed(call(db, bob_token, "create_document", "acme", "t", ""), "token is stale")
     # a claim for another tenant is not checked against this one
-    assert call(db, who("user:bob", tenant_id="globex", membership_version=9), "create_document", "acme", "t", "").ok
+    assert call(
+        db, who("user:bob", tenant_id="globex", membership_version=9), "create_document", "acme", "t", ""
+    ).ok
 
 
 def test_delegated_calls_only_from_the_service_identity(db: PeerDatabase) -> None:
     service = Caller(SERVICE, "cd" * 16, {"iss": ISS, "sub": "service:gatewayd"})
     assert call(db, service, "create_document_as", "user:alice", None, "acme", "delegated", "").ok
-    assert failed(call(db, who("user:alice"), "create_document_as", "user:alice", None, "acme", "x", ""), "service identity")
+    assert failed(
+        call(db, who("user:alice"), "create_document_as", "user:alice", None, "acme", "x", ""),
+        "service identity",
+    )
     assert failed(call(db, service, "create_document_as", "user:carol", None, "acme", "x", ""), "may not")
-    assert failed(call(db, service, "create_document_as", "user:ghost", None, "acme", "x", ""), "no such actor")
+    assert failed(
+        call(db, service, "create_document_as", "user:ghost", None, "acme", "x", ""), "no such actor"
+    )
     # the robot acting for bob, who delegated to it in acme
     assert call(db, service, "create_document_as", "robot:importer", "user:bob", "acme", "for bob", "").ok
-    assert failed(call(db, service, "create_document_as", "robot:importer", "user:alice", "acme", "x", ""), "has not delegated")
-    doc = [d for d in db.rows("document") if d["title"] == "for bob"][0]
+    assert failed(
+        call(db, service, "create_document_as", "robot:importer", "user:alice", "acme", "x", ""),
+        "has not delegated",
+    )
+    doc = next(d for d in db.rows("document") if d["title"] == "for bob")
     assert call(db, service, "update_document_as", "robot:importer", "user:bob", doc["id"], "edited", "").ok
     assert call(db, service, "delete_document_as", "robot:importer", "user:bob", doc["id"]).ok
     audit = [(a["action"], a["actor_id"], a["on_behalf_of"], a["caller"]) for a in db.rows("audit_event")]
@@ -152,7 +191,10 @@ def test_delegated_calls_only_from_the_service_identity(db: PeerDatabase) -> Non
     ]
     (grant,) = db.rows("impersonation_grant")
     assert call(db, who("user:bob"), "revoke_impersonation", grant["id"]).ok
-    assert failed(call(db, service, "create_document_as", "robot:importer", "user:bob", "acme", "x", ""), "has not delegated")
+    assert failed(
+        call(db, service, "create_document_as", "robot:importer", "user:bob", "acme", "x", ""),
+        "has not delegated",
+    )
 
 
 def test_canary(db: PeerDatabase) -> None:
@@ -161,19 +203,29 @@ def test_canary(db: PeerDatabase) -> None:
     assert call(db, who("user:alice"), "bump_canary", "gateway").ok
     assert failed(call(db, who("user:bob"), "bump_canary", "gateway"), "may not write canaries")
     (row,) = db.rows("canary")
-    assert row["counter"] == 2 and row["updated_by"] == identity_hex(ISS, "user:alice")
+    assert row["counter"] == 2
+    assert row["updated_by"] == identity_hex(ISS, "user:alice")
 
 
 def test_client_connected_links_trusted_subjects_and_checks_audience() -> None:
     d = PeerDatabase(make_demo_module(DemoConfig(audience="gatewayd", trusted_issuers=frozenset({ISS}))))
     d.run_init()
     assert d.connect(who("user:alice")) is None
-    assert [(x["identity"], x["actor_id"]) for x in d.rows("actor_identity_link")] == [(identity_hex(ISS, "user:alice"), "user:alice")]
-    assert "audience" in (d.connect(Caller("c200" + "0" * 60, None, {"iss": ISS, "sub": "user:bob", "aud": "other"})) or "")
+    assert [(x["identity"], x["actor_id"]) for x in d.rows("actor_identity_link")] == [
+        (identity_hex(ISS, "user:alice"), "user:alice")
+    ]
+    assert "audience" in (
+        d.connect(Caller("c200" + "0" * 60, None, {"iss": ISS, "sub": "user:bob", "aud": "other"})) or ""
+    )
     assert "not trusted" in (d.connect(who("user:bob", iss="https://evil")) or "")
     assert d.connect(who("x", iss="localhost")) is None  # anonymous may connect
     assert d.connect(who("user:nobody")) is None  # an unknown subject may connect but owns nothing
-    d.transact(lambda v: v.actor.update({**v.actor.find("user:carol"), "disabled": True}))
+
+    def disable(v: Any) -> None:
+        carol = v.actor.find("user:carol")
+        v.actor.update({**carol, "disabled": True})
+
+    d.transact(disable)
     assert "disabled" in (d.connect(who("user:carol")) or "")
 
 
@@ -189,9 +241,12 @@ def test_seedless_module_and_identity_links() -> None:
     ident = "c200" + "ab" * 30
     d = PeerDatabase(make_demo_module(DemoConfig(seed=False)))
     d.run_init()
-    assert d.rows("document") == [] and len(d.rows("role")) == 4
+    assert d.rows("document") == []
+    assert len(d.rows("role")) == 4
     with pytest.raises(RuntimeError, match="unknown actor"):
-        PeerDatabase(make_demo_module(DemoConfig(seed=False, identity_links={ident: "user:alice"}))).run_init()
+        PeerDatabase(
+            make_demo_module(DemoConfig(seed=False, identity_links={ident: "user:alice"}))
+        ).run_init()
     d = PeerDatabase(make_demo_module(DemoConfig(identity_links={ident: "user:alice"})))
     d.run_init()
     assert call(d, Caller(ident, None, None), "create_document", "acme", "linked", "").ok

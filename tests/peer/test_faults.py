@@ -6,6 +6,7 @@ import httpx
 import pytest
 import trio
 
+from gatewayd.errors import DecodeError
 from gatewayd.peer import Peer, open_peer
 from gatewayd.peer.demo_module import DemoConfig, make_demo_module
 from gatewayd.proto import messages as m
@@ -121,9 +122,12 @@ async def test_refused_upgrades_until_accepted(peer: Peer) -> None:
 async def test_refused_tokens(peer: Peer) -> None:
     peer.refuse_tokens()
     status, text = await refused_upgrade(peer, token=alice(peer))
-    assert status == 401 and "refused" in text
+    assert status == 401
+    assert "refused" in text
     async with httpx.AsyncClient(base_url=peer.base_url) as http:
-        r = await http.post("/v1/identity/websocket-token", headers={"Authorization": f"Bearer {alice(peer)}"})
+        r = await http.post(
+            "/v1/identity/websocket-token", headers={"Authorization": f"Bearer {alice(peer)}"}
+        )
         assert r.status_code == 401
     async with connect(peer) as anonymous:
         assert anonymous.initial is not None
@@ -208,9 +212,13 @@ async def test_hotswap_adds_a_column_and_later_rows_use_it(peer: Peer) -> None:
         # the rows are in the new layout: they decode with the new schema only
         codec = ValueCodec(new_schema.typespace, safe=False)
         (ins,), _ = codec.decode_rows(new_schema.tables["document"].row_type, rows.inserts.rows_data)
-        assert ins["title"] == "after swap" and ins["priority"] == 0 and ins["label"] is None
-        with pytest.raises(Exception):  # noqa: B017 - any decode error: the old layout no longer fits
-            ValueCodec(old_schema.typespace).decode(old_schema.tables["document"].row_type, rows.inserts.split()[0])
+        assert ins["title"] == "after swap"
+        assert ins["priority"] == 0
+        assert ins["label"] is None
+        with pytest.raises(DecodeError):  # the old layout no longer fits
+            ValueCodec(old_schema.typespace).decode(
+                old_schema.tables["document"].row_type, rows.inserts.split()[0]
+            )
         # the connection stayed open through the swap
         assert len(peer.connections) == 2
 
@@ -222,7 +230,9 @@ async def test_hotswap_drops_query_sets_that_no_longer_type_check(peer: Peer) ->
         columns = {k: v for k, v in peer.db.specs["document"].columns if k != "body"}
         peer.hotswap("document", columns)
         err = await c.expect(m.SubscriptionError)
-        assert err.request_id is None and err.query_set_id == 1 and "body" in err.error
+        assert err.request_id is None
+        assert err.query_set_id == 1
+        assert "body" in err.error
         assert sorted(peer.connections[0].query_set_ids) == [2]
 
 
@@ -235,13 +245,14 @@ async def test_restart_drops_connections_keeps_data_and_refuses_meanwhile(peer: 
             code, _ = await c.closed()
             assert code == 1006
             await trio.sleep(0.1)
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="connect"):
                 await trio.open_tcp_stream(peer.host, port)  # down: connection refused
     assert peer.port == port
     async with connect(peer) as again:
         await again.send(m.OneOffQuery(1, "SELECT * FROM document WHERE title = 'survives'"))
         r = await again.expect(m.OneOffQueryResult)
-        assert r.rows is not None and len(rows_of(again, r.rows, "document")) == 1
+        assert r.rows is not None
+        assert len(rows_of(again, r.rows, "document")) == 1
 
 
 async def test_client_connected_rejection_is_a_101_then_a_dropped_socket() -> None:
@@ -280,31 +291,34 @@ async def test_delay_after_a_reducer_commits_first_and_answers_late(peer: Peer) 
         await other.expect(m.TransactionUpdate)  # committed and broadcast at once
         assert any(d["title"] == "late" for d in peer.db.rows("document"))
         res = await c.expect(m.ReducerResult)
-        assert trio.current_time() - start >= 0.4 and isinstance(res.outcome, m.ReducerOk)
+        assert trio.current_time() - start >= 0.4
+        assert isinstance(res.outcome, m.ReducerOk)
     peer.delay_reducer("create_document", None)
     assert peer.faults.reducer_delays == {}
 
 
 async def test_disconnect_all_sends_1001(peer: Peer) -> None:
-    async with connect(peer) as a, connect(peer) as b:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.disconnect_all)
-            assert await a.closed() == (1001, "module exited")
-            assert await b.closed() == (1001, "module exited")
+    async with connect(peer) as a, connect(peer) as b, trio.open_nursery() as nursery:
+        nursery.start_soon(peer.disconnect_all)
+        assert await a.closed() == (1001, "module exited")
+        assert await b.closed() == (1001, "module exited")
 
 
 async def test_a_client_that_cannot_keep_up_is_dropped() -> None:
-    async with open_peer("demo", outgoing_queue_count=4) as peer:
-        async with connect(peer, token=alice(peer)) as writer, connect(peer) as slow:
-            await slow.subscribe(1, "SELECT * FROM canary")
-            peer.stall(slow.initial.identity)  # type: ignore[union-attr]
-            for _ in range(6):
-                await bump(writer)
-            with trio.fail_after(WAIT_S):
-                await peer.wait_connection_count(1)
-            peer.unstall()
-            assert (await slow.closed())[0] == 1006
-            await bump(writer)  # the writer is unaffected
+    async with (
+        open_peer("demo", outgoing_queue_count=4) as peer,
+        connect(peer, token=alice(peer)) as writer,
+        connect(peer) as slow,
+    ):
+        await slow.subscribe(1, "SELECT * FROM canary")
+        peer.stall(slow.initial.identity)  # type: ignore[union-attr]
+        for _ in range(6):
+            await bump(writer)
+        with trio.fail_after(WAIT_S):
+            await peer.wait_connection_count(1)
+        peer.unstall()
+        assert (await slow.closed())[0] == 1006
+        await bump(writer)  # the writer is unaffected
 
 
 async def test_hotswap_with_changes_and_missing_default_is_refused(peer: Peer) -> None:

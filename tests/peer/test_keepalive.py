@@ -28,7 +28,11 @@ class RawClient:
     async def handshake(self) -> None:
         await self.stream.send_all(
             self.ws.send(
-                Request(host="peer", target="/v1/database/demo/subscribe?compression=None", subprotocols=["v2.bsatn.spacetimedb"])
+                Request(
+                    host="peer",
+                    target="/v1/database/demo/subscribe?compression=None",
+                    subprotocols=["v2.bsatn.spacetimedb"],
+                )
             )
         )
 
@@ -41,7 +45,7 @@ class RawClient:
             if not data:
                 self.eof_at = trio.current_time()
                 return
-            self.ws.receive_data(data)
+            self.ws.receive_data(bytes(data))
             for ev in self.ws.events():
                 if isinstance(ev, AcceptConnection):
                     assert ev.subprotocol == "v2.bsatn.spacetimedb"
@@ -50,7 +54,9 @@ class RawClient:
                     if self.answer_pings:
                         await self.stream.send_all(self.ws.send(ev.response()))
                 elif isinstance(ev, BytesMessage):
-                    self.messages.append((trio.current_time(), m.decode_server_payload(bytes(ev.data), m.Protocol.V2)))
+                    self.messages.append(
+                        (trio.current_time(), m.decode_server_payload(bytes(ev.data), m.Protocol.V2))
+                    )
                 elif isinstance(ev, CloseConnection):
                     self.close_code = ev.code
 
@@ -66,7 +72,9 @@ async def start(peer: Peer, nursery: trio.Nursery, *, answer_pings: bool) -> Raw
     return client
 
 
-async def test_idle_client_is_pinged_at_15s_and_dropped_at_30s(autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_client_is_pinged_at_15s_and_dropped_at_30s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with open_peer("demo", listen=False) as peer, trio.open_nursery() as nursery:
         t0 = trio.current_time()
         client = await start(peer, nursery, answer_pings=False)
@@ -74,7 +82,8 @@ async def test_idle_client_is_pinged_at_15s_and_dropped_at_30s(autojump_clock: t
             await peer.wait_connection_count(0)
         await trio.testing.wait_all_tasks_blocked()
         assert [t - t0 for t in client.pings] == [15.0]  # no second ping: the first is unanswered
-        assert client.eof_at is not None and client.eof_at - t0 == 30.0
+        assert client.eof_at is not None
+        assert client.eof_at - t0 == 30.0
         assert client.close_code is None  # dropped without a close frame, as upstream
         nursery.cancel_scope.cancel()
 
@@ -85,7 +94,8 @@ async def test_answering_pings_keeps_the_connection(autojump_clock: trio.testing
         client = await start(peer, nursery, answer_pings=True)
         await trio.sleep(200)
         assert [round(t - t0) for t in client.pings] == list(range(15, 200, 15))
-        assert client.eof_at is None and len(peer.connections) == 1
+        assert client.eof_at is None
+        assert len(peer.connections) == 1
         nursery.cancel_scope.cancel()
 
 
@@ -98,18 +108,23 @@ async def test_any_received_frame_resets_the_idle_timer(autojump_clock: trio.tes
             await client.send(m.OneOffQuery(i, "SELECT * FROM tenant"))
         with trio.fail_after(100):
             await peer.wait_connection_count(0)
-        assert client.eof_at is not None and client.eof_at - t0 == 80 + 30
+        assert client.eof_at is not None
+        assert client.eof_at - t0 == 80 + 30
         nursery.cancel_scope.cancel()
 
 
 async def test_intervals_are_settable(autojump_clock: trio.testing.MockClock) -> None:
-    async with open_peer("demo", listen=False, ping_interval_s=2.0, idle_timeout_s=5.0) as peer, trio.open_nursery() as nursery:
+    async with (
+        open_peer("demo", listen=False, ping_interval_s=2.0, idle_timeout_s=5.0) as peer,
+        trio.open_nursery() as nursery,
+    ):
         t0 = trio.current_time()
         client = await start(peer, nursery, answer_pings=False)
         with trio.fail_after(100):
             await peer.wait_connection_count(0)
         assert [t - t0 for t in client.pings] == [2.0]
-        assert client.eof_at is not None and client.eof_at - t0 == 5.0
+        assert client.eof_at is not None
+        assert client.eof_at - t0 == 5.0
         nursery.cancel_scope.cancel()
 
 
@@ -119,7 +134,8 @@ async def test_stalled_connections_neither_ping_nor_time_out(autojump_clock: tri
         client = await start(peer, nursery, answer_pings=False)
         peer.stall()
         await trio.sleep(300)
-        assert client.pings == [] and client.eof_at is None
+        assert client.pings == []
+        assert client.eof_at is None
         peer.unstall()
         await trio.sleep(16)
         assert [round(t - t0) for t in client.pings] == [315]

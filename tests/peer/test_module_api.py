@@ -13,8 +13,33 @@ from gatewayd.peer.sql import Query
 from gatewayd.proto import messages as m
 from gatewayd.proto.bsatn import ValueCodec
 from gatewayd.proto.sats import (
-    BOOL, BYTES, CONNECTION_ID, F32, F64, I8, I16, I32, I64, I128, I256, IDENTITY, STRING, TIME_DURATION,
-    TIMESTAMP, U8, U16, U32, U64, U128, U256, UUID, ArrayT, option, product, sum_of,
+    BOOL,
+    BYTES,
+    CONNECTION_ID,
+    F32,
+    F64,
+    I8,
+    I16,
+    I32,
+    I64,
+    I128,
+    I256,
+    IDENTITY,
+    STRING,
+    TIME_DURATION,
+    TIMESTAMP,
+    U8,
+    U16,
+    U32,
+    U64,
+    U128,
+    U256,
+    UUID,
+    AlgebraicType,
+    ArrayT,
+    option,
+    product,
+    sum_of,
 )  # fmt: skip
 
 ALICE = "c200" + "11" * 30
@@ -160,14 +185,23 @@ def test_committed_reducer_sends_result_to_caller_and_update_to_others(db: PeerD
     db.subscribe(idle, 1, 1, ("SELECT * FROM message WHERE room = 'b'",))
     for s in (caller, other, idle):
         assert isinstance(s.pop()[0], m.SubscribeApplied)
-    res = db.call_reducer("send", args(db, "send", text="hi", room="a"), Caller(ALICE, "01" * 16), subscriber=caller, request_id=5)
-    assert res.ok and set(res.diff) == {"message"}
+    res = db.call_reducer(
+        "send",
+        args(db, "send", text="hi", room="a"),
+        Caller(ALICE, "01" * 16),
+        subscriber=caller,
+        request_id=5,
+    )
+    assert res.ok
+    assert set(res.diff) == {"message"}
     (result,) = caller.pop()
-    assert isinstance(result, m.ReducerResult) and result.request_id == 5
+    assert isinstance(result, m.ReducerResult)
+    assert result.request_id == 5
     assert isinstance(result.outcome, m.ReducerOk)
     assert [qs.query_set_id for qs in result.outcome.transaction_update.query_sets] == [1]
     (tx,) = other.got
-    assert tx[1] is True and isinstance(tx[0], m.TransactionUpdate)
+    assert tx[1] is True
+    assert isinstance(tx[0], m.TransactionUpdate)
     assert [qs.query_set_id for qs in tx[0].query_sets] == [9]
     assert idle.got == []  # not affected: nothing at all
 
@@ -185,9 +219,12 @@ def test_reducer_error_rolls_back_everything_including_sequences(db: PeerDatabas
     sub = FakeSub()
     before = {t: db.rows(t) for t in ("message", "tag")}
     res = db.call_reducer("two_then_fail", b"", Caller(ALICE), subscriber=sub, request_id=1)
-    assert res.status == "failed" and res.message == "nope" and res.http_status == 530
+    assert res.status == "failed"
+    assert res.message == "nope"
+    assert res.http_status == 530
     (msg,) = sub.pop()
-    assert isinstance(msg, m.ReducerResult) and isinstance(msg.outcome, m.ReducerErr)
+    assert isinstance(msg, m.ReducerResult)
+    assert isinstance(msg.outcome, m.ReducerErr)
     assert msg.outcome.message == "nope"
     assert {t: db.rows(t) for t in ("message", "tag")} == before
     db.call_reducer("send", {"text": "after", "room": "r"}, Caller(ALICE))
@@ -197,7 +234,8 @@ def test_reducer_error_rolls_back_everything_including_sequences(db: PeerDatabas
 def test_other_exceptions_are_internal_errors(db: PeerDatabase) -> None:
     sub = FakeSub()
     res = db.call_reducer("boom", b"", Caller(ALICE), subscriber=sub, request_id=2)
-    assert res.status == "internal_error" and "KeyError" in res.message
+    assert res.status == "internal_error"
+    assert "KeyError" in res.message
     (msg,) = sub.pop()
     assert isinstance(msg.outcome, m.ReducerInternalError)  # type: ignore[union-attr]
     assert [t["name"] for t in db.rows("tag")] == ["general"]
@@ -205,7 +243,9 @@ def test_other_exceptions_are_internal_errors(db: PeerDatabase) -> None:
 
 def test_unique_violation_is_an_internal_error(db: PeerDatabase) -> None:
     res = db.call_reducer("dup", b"", Caller(ALICE))
-    assert res.status == "internal_error" and "ConstraintViolation" in res.message and "general" in res.message
+    assert res.status == "internal_error"
+    assert "ConstraintViolation" in res.message
+    assert "general" in res.message
 
 
 def test_a_transaction_that_nets_to_nothing_sends_no_update(db: PeerDatabase) -> None:
@@ -215,9 +255,12 @@ def test_a_transaction_that_nets_to_nothing_sends_no_update(db: PeerDatabase) ->
     db.subscribe(other, 1, 1, ("SELECT * FROM tag",))
     other.pop()
     res = db.call_reducer("noop", b"", Caller(ALICE), subscriber=caller, request_id=1)
-    assert res.ok and res.diff == {}
+    assert res.ok
+    assert res.diff == {}
     (msg,) = caller.pop()
-    assert isinstance(msg.outcome, m.ReducerOk) and msg.outcome.transaction_update.query_sets == ()  # type: ignore[union-attr]
+    assert isinstance(msg, m.ReducerResult)
+    assert isinstance(msg.outcome, m.ReducerOk)
+    assert msg.outcome.transaction_update.query_sets == ()
     assert other.got == []
     assert db.transactions_committed == 1  # only init
 
@@ -238,7 +281,9 @@ def test_set_semantics_for_tables_without_keys(db: PeerDatabase) -> None:
 def test_table_handle_api(db: PeerDatabase) -> None:
     def work(v: Any) -> dict[str, Any]:
         for i in range(5):
-            v.message.insert({"sender": ALICE if i % 2 else BOB, "text": f"t{i}", "room": "even" if i % 2 == 0 else "odd"})
+            v.message.insert(
+                {"sender": ALICE if i % 2 else BOB, "text": f"t{i}", "room": "even" if i % 2 == 0 else "odd"}
+            )
         out: dict[str, Any] = {}
         out["find"] = v.message.find(3)
         out["missing"] = v.message.find(99)
@@ -254,10 +299,14 @@ def test_table_handle_api(db: PeerDatabase) -> None:
         return out
 
     out = db.transact(work)
-    assert out["find"]["text"] == "t2" and out["missing"] is None
-    assert out["filter"] == [1, 3, 5] and out["filter2"] == [2, 4]
-    assert out["count"] == 5 and out["find_by"] == {"name": "general", "n": 0}
-    assert out["update"]["text"] == "edited" and out["deleted"] == 2
+    assert out["find"]["text"] == "t2"
+    assert out["missing"] is None
+    assert out["filter"] == [1, 3, 5]
+    assert out["filter2"] == [2, 4]
+    assert out["count"] == 5
+    assert out["find_by"] == {"name": "general", "n": 0}
+    assert out["update"]["text"] == "edited"
+    assert out["deleted"] == 2
     assert out["iter"] == [3, 5, 1]  # an update re-inserts the row
 
 
@@ -283,7 +332,12 @@ def test_row_type_errors_are_module_bugs(db: PeerDatabase) -> None:
     with pytest.raises(AttributeError):
         db.transact(lambda v: v.nope)
     with pytest.raises(ConstraintViolation):
-        db.transact(lambda v: v.user.insert({"identity": ALICE, "name": "a", "online": True}) and v.user.insert({"identity": ALICE, "name": "b", "online": True}))
+        db.transact(
+            lambda v: (
+                v.user.insert({"identity": ALICE, "name": "a", "online": True})
+                and v.user.insert({"identity": ALICE, "name": "b", "online": True})
+            )
+        )
     assert db.rows("user") == []
 
 
@@ -297,7 +351,8 @@ def test_lifecycle_connect_and_disconnect(db: PeerDatabase) -> None:
 
 def test_lifecycle_reducers_cannot_be_called(db: PeerDatabase) -> None:
     res = db.call_reducer("client_connected", b"", Caller(ALICE))
-    assert res.status == "internal_error" and res.http_status == 400
+    assert res.status == "internal_error"
+    assert res.http_status == 400
 
 
 def test_args_from_json_and_bsatn(db: PeerDatabase) -> None:
@@ -305,7 +360,8 @@ def test_args_from_json_and_bsatn(db: PeerDatabase) -> None:
     assert db.call_reducer("add", {"name": "two"}, Caller(ALICE)).ok
     assert db.call_reducer("add", args(db, "add", name="three"), Caller(ALICE)).ok
     bad = db.call_reducer("add", args(db, "add", name="x") + b"\x00", Caller(ALICE))
-    assert bad.status == "internal_error" and "trailing" in bad.message
+    assert bad.status == "internal_error"
+    assert "trailing" in bad.message
     assert [t["name"] for t in db.rows("tag")] == ["general", "one", "two", "three"]
 
 
@@ -323,10 +379,11 @@ def test_private_tables_are_visible_to_the_owner_only() -> None:
     d.subscribe(other, 1, 1, ("SELECT * FROM secret",))
     assert isinstance(owner.pop()[0], m.SubscribeApplied)
     err = other.pop()[0]
-    assert isinstance(err, m.SubscriptionError) and "private" in err.error
+    assert isinstance(err, m.SubscriptionError)
+    assert "private" in err.error
 
 
-ALL_TYPES = {
+ALL_TYPES: dict[str, AlgebraicType] = {
     "b": BOOL, "u8": U8, "i8": I8, "u16": U16, "i16": I16, "u32": U32, "i32": I32, "u64": U64, "i64": I64,
     "u128": U128, "i128": I128, "u256": U256, "i256": I256, "f32": F32, "f64": F64, "s": STRING,
     "bytes": BYTES, "ident": IDENTITY, "conn": CONNECTION_ID, "ts": TIMESTAMP, "dur": TIME_DURATION,
@@ -339,7 +396,8 @@ ROW = {
     "u64": 2**64 - 1, "i64": -(2**63), "u128": 2**128 - 1, "i128": -(2**127), "u256": 2**256 - 1,
     "i256": -(2**255), "f32": 1.5, "f64": -2.25, "s": "héllo", "bytes": "00ff", "ident": ALICE,
     "conn": "0f" * 16, "ts": 1_700_000_000_000_000, "dur": -5, "uuid": "12345678-1234-5678-1234-567812345678",
-    "opt": None, "arr": ["a", "b"], "prod": {"x": 1, "y": "z"}, "color": {"tag": "rgb", "value": {"r": 1, "g": 2, "b": 3}},
+    "opt": None, "arr": ["a", "b"], "prod": {"x": 1, "y": "z"},
+    "color": {"tag": "rgb", "value": {"r": 1, "g": 2, "b": 3}},
 }  # fmt: skip
 
 
@@ -355,7 +413,9 @@ def test_every_codec_type_is_a_valid_column_type() -> None:
     (applied,) = sub.pop()
     assert isinstance(applied, m.SubscribeApplied)
     row_type = d.schema.tables["everything"].row_type
-    (decoded,), _ = ValueCodec(d.schema.typespace, safe=False).decode_rows(row_type, applied.rows.tables[0].rows.rows_data)
+    (decoded,), _ = ValueCodec(d.schema.typespace, safe=False).decode_rows(
+        row_type, applied.rows.tables[0].rows.rows_data
+    )
     assert decoded == ROW
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
-import httpx
 
 from gatewayd.peer import Peer, open_peer
 from gatewayd.proto import messages as m
@@ -36,7 +36,8 @@ async def test_undecodable_payloads_close_with_1011(peer: Peer, payload: bytes, 
         await c.ws.send_message(payload)
         code, reason = await c.closed()
         assert code == 1011
-        assert reason is not None and needle in reason
+        assert reason is not None
+        assert needle in reason
     await still_serving(peer)
 
 
@@ -44,7 +45,9 @@ async def test_text_frames_close_with_1011(peer: Peer) -> None:
     async with connect(peer) as c:
         await c.ws.send_message('{"Subscribe": {}}')
         code, reason = await c.closed()
-        assert code == 1011 and reason is not None and "text" in reason
+        assert code == 1011
+        assert reason is not None
+        assert "text" in reason
     await still_serving(peer)
 
 
@@ -60,9 +63,12 @@ async def test_v3_valid_messages_before_a_bad_one_are_processed(peer: Peer) -> N
 
 async def test_v2_ignores_trailing_bytes(peer: Peer) -> None:
     async with connect(peer, protocols=("v2.bsatn.spacetimedb",)) as c:
-        await c.ws.send_message(m.encode_client_message(m.OneOffQuery(1, "SELECT * FROM tenant")) + b"\x07\x07")
+        await c.ws.send_message(
+            m.encode_client_message(m.OneOffQuery(1, "SELECT * FROM tenant")) + b"\x07\x07"
+        )
         r = await c.expect(m.OneOffQueryResult)
-        assert r.request_id == 1 and r.rows is not None
+        assert r.request_id == 1
+        assert r.rows is not None
 
 
 async def test_reused_live_query_set_id_closes_with_1011(peer: Peer) -> None:
@@ -70,17 +76,23 @@ async def test_reused_live_query_set_id_closes_with_1011(peer: Peer) -> None:
         await c.subscribe(5, "SELECT * FROM tenant")
         await c.send(m.Subscribe(2, 5, ("SELECT * FROM actor",)))
         code, reason = await c.closed()
-        assert code == 1011 and reason is not None and "already exists" in reason
+        assert code == 1011
+        assert reason is not None
+        assert "already exists" in reason
     await still_serving(peer)
 
 
 async def test_oversized_messages_are_refused() -> None:
     async with open_peer("demo", max_message_bytes=10_000, close_timeout_s=0.5) as peer:
         async with connect(peer) as c:
-            big = m.encode_client_message(m.OneOffQuery(1, "SELECT * FROM tenant WHERE id = '" + "x" * 20_000 + "'"))
+            big = m.encode_client_message(
+                m.OneOffQuery(1, "SELECT * FROM tenant WHERE id = '" + "x" * 20_000 + "'")
+            )
             await c.ws.send_message(big)
             code, reason = await c.closed()
-            assert code == 1009 and reason is not None and "too long" in reason
+            assert code == 1009
+            assert reason is not None
+            assert "too long" in reason
         await still_serving(peer)
 
 
@@ -88,10 +100,12 @@ async def test_huge_sql_is_a_subscription_error_not_a_crash(peer: Peer) -> None:
     async with connect(peer) as c:
         deep = "SELECT * FROM tenant WHERE " + "(" * 500 + "id = 'a'" + ")" * 500
         err = await c.subscribe(1, deep)
-        assert isinstance(err, m.SubscriptionError) and "deep" in err.error
+        assert isinstance(err, m.SubscriptionError)
+        assert "deep" in err.error
         long = "SELECT * FROM tenant WHERE " + " OR ".join(["id = 'a'"] * 10_000)
         err = await c.subscribe(2, long)
-        assert isinstance(err, m.SubscriptionError) and "longer than" in err.error
+        assert isinstance(err, m.SubscriptionError)
+        assert "longer than" in err.error
 
 
 async def test_incoming_queue_overflow_closes_with_1013() -> None:
@@ -100,7 +114,8 @@ async def test_incoming_queue_overflow_closes_with_1013() -> None:
         async with connect(peer) as c:
             await c.send(*(m.CallReducer(i, "bump_canary", b"\x01\x00\x00\x00x") for i in range(10)))
             code, reason = await c.closed()
-            assert code == 1013 and reason == "too many requests"
+            assert code == 1013
+            assert reason == "too many requests"
 
 
 async def test_protocol_violations_at_the_frame_level(peer: Peer) -> None:
@@ -130,7 +145,8 @@ async def test_protocol_violations_at_the_frame_level(peer: Peer) -> None:
             data += chunk
     # the peer sent InitialConnection, then a close frame with 1002, then closed the socket
     frames = _parse_frames(data)
-    assert frames[0][0] == 0x2 and frames[0][1][:2] == b"\x00\x00"  # binary: tag 0, InitialConnection
+    assert frames[0][0] == 0x2
+    assert frames[0][1][:2] == b"\x00\x00"
     assert frames[-1][0] == 0x8
     assert int.from_bytes(frames[-1][1][:2], "big") == 1002
     await stream.aclose()

@@ -10,11 +10,12 @@ from gatewayd.peer import Module
 from gatewayd.peer.database import PeerDatabase
 from gatewayd.peer.sql import SqlError, parse_query, split_statements
 
-from .test_module_api import ALL_TYPES, ALICE, BOB, ROW
+from .test_module_api import ALICE, ALL_TYPES, BOB, ROW
 
-ROW2 = dict(ROW, b=False, u8=0, i8=5, u16=7, i16=3, u32=1, i32=2, u64=10, i64=0, u128=5, i128=5, u256=5, i256=5,
-            f32=0.5, f64=3.0, s="abc", bytes="0100", ident=BOB, conn="00" * 15 + "01", ts=1_600_000_000_000_000,
-            dur=10, uuid="00000000-0000-0000-0000-000000000001", opt=7)  # fmt: skip
+ROW2 = dict(ROW, b=False, u8=0, i8=5, u16=7, i16=3, u32=1, i32=2, u64=10, i64=0, u128=5, i128=5,
+            u256=5, i256=5, f32=0.5, f64=3.0, s="abc", bytes="0100", ident=BOB, conn="00" * 15 + "01",
+            ts=1_600_000_000_000_000, dur=10, uuid="00000000-0000-0000-0000-000000000001",
+            opt=7)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,9 @@ def db() -> PeerDatabase:
 
 def matches(db: PeerDatabase, where: str, *, sender: str | None = ALICE) -> list[str]:
     q = parse_query(f"SELECT * FROM t WHERE {where}", db.schema, sender=sender)
-    return sorted("ROW" if r["u8"] == 255 else "ROW2" for r in db.store.tables["t"].rows.values() if q.matches(r))
+    return sorted(
+        "ROW" if r["u8"] == 255 else "ROW2" for r in db.store.tables["t"].rows.values() if q.matches(r)
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,7 +151,8 @@ def test_aliases_quoting_and_case(db: PeerDatabase) -> None:
 
 def test_projection_and_limit_for_http_sql(db: PeerDatabase) -> None:
     q = parse_query("SELECT u8, s FROM t WHERE u8 >= 0 LIMIT 1", db.schema, allow_projection=True)
-    assert q.columns == ("u8", "s") and q.limit == 1
+    assert q.columns == ("u8", "s")
+    assert q.limit == 1
     with pytest.raises(SqlError, match="does not have a field"):
         parse_query("SELECT nope FROM t", db.schema, allow_projection=True)
 
@@ -163,7 +167,9 @@ def test_split_statements_respects_quotes() -> None:
 def test_sql_json_rendering(db: PeerDatabase) -> None:
     (res,) = db.sql("SELECT * FROM t WHERE u8 = 255", ALICE)
     (row,) = res["rows"]
-    by_name: dict[str, Any] = {e["name"]["some"]: v for e, v in zip(res["schema"]["elements"], row, strict=True)}
+    by_name: dict[str, Any] = {
+        e["name"]["some"]: v for e, v in zip(res["schema"]["elements"], row, strict=True)
+    }
     assert by_name["ident"] == ["0x" + ALICE]
     assert by_name["conn"] == [int("0f" * 16, 16)]
     assert by_name["ts"] == [1_700_000_000_000_000]

@@ -28,7 +28,8 @@ async def test_initial_connection_is_first_and_matches_the_101(peer: Peer) -> No
         assert init.token == token
         assert init.identity == handshake_header(c, "spacetime-identity")
         assert handshake_header(c, "spacetime-identity-token") == token
-        assert len(init.connection_id) == 32 and int(init.connection_id, 16) != 0
+        assert len(init.connection_id) == 32
+        assert int(init.connection_id, 16) != 0
         assert [ci.identity for ci in peer.connections] == [init.identity]
 
 
@@ -56,13 +57,15 @@ async def test_subscribe_applied_then_updates_to_others_and_result_to_caller(pee
         res = await writer.call("create_document", {"tenant_id": "acme", "title": "New", "body": "x"})
         assert isinstance(res.outcome, m.ReducerOk)
         ins, dels = update_rows(writer, res.outcome.transaction_update, "document")
-        assert [r["title"] for r in ins] == ["New"] and dels == []
+        assert [r["title"] for r in ins] == ["New"]
+        assert dels == []
         assert res.outcome.transaction_update.query_sets[0].query_set_id == 1
 
         tx = await reader.expect(m.TransactionUpdate)
         assert [qs.query_set_id for qs in tx.query_sets] == [7]
         ins, dels = update_rows(reader, tx, "document")
-        assert [r["title"] for r in ins] == ["New"] and dels == []
+        assert [r["title"] for r in ins] == ["New"]
+        assert dels == []
         # the caller gets no separate TransactionUpdate for its own transaction
         await writer.nothing_within(0.2)
 
@@ -109,16 +112,20 @@ async def test_unknown_reducer_bad_args_and_lifecycle_calls_are_internal_errors(
     async with connect(peer, token=alice(peer)) as c:
         await c.send(m.CallReducer(1, "no_such_reducer", b""))
         r = await c.expect(m.ReducerResult)
-        assert isinstance(r.outcome, m.ReducerInternalError) and "no_such_reducer" in r.outcome.message
+        assert isinstance(r.outcome, m.ReducerInternalError)
+        assert "no_such_reducer" in r.outcome.message
         await c.send(m.CallReducer(2, "create_document", b"\x01\x02"))
         r = await c.expect(m.ReducerResult)
-        assert isinstance(r.outcome, m.ReducerInternalError) and "invalid arguments" in r.outcome.message
+        assert isinstance(r.outcome, m.ReducerInternalError)
+        assert "invalid arguments" in r.outcome.message
         await c.send(m.CallReducer(3, "client_connected", b""))
         r = await c.expect(m.ReducerResult)
-        assert isinstance(r.outcome, m.ReducerInternalError) and "lifecycle" in r.outcome.message
+        assert isinstance(r.outcome, m.ReducerInternalError)
+        assert "lifecycle" in r.outcome.message
         await c.send(m.CallProcedure(4, "proc", b""))
         p = await c.expect(m.ProcedureResult)
-        assert p.request_id == 4 and isinstance(p.status, m.ProcedureInternalError)
+        assert p.request_id == 4
+        assert isinstance(p.status, m.ProcedureInternalError)
 
 
 async def test_responses_follow_request_order_and_commit_order(peer: Peer) -> None:
@@ -130,7 +137,10 @@ async def test_responses_follow_request_order_and_commit_order(peer: Peer) -> No
 
         raw = ValueCodec().encode(spec.params_type, {"name": "c"})
         # one v3 frame carrying five calls and a one-off query
-        await writer.send(*(m.CallReducer(i, "bump_canary", raw) for i in range(1, 6)), m.OneOffQuery(6, "SELECT * FROM canary WHERE name = 'c'"))
+        await writer.send(
+            *(m.CallReducer(i, "bump_canary", raw) for i in range(1, 6)),
+            m.OneOffQuery(6, "SELECT * FROM canary WHERE name = 'c'"),
+        )
         counters = []
         for i in range(1, 6):
             r = await writer.expect(m.ReducerResult)
@@ -140,7 +150,8 @@ async def test_responses_follow_request_order_and_commit_order(peer: Peer) -> No
             counters.append(ins[0]["counter"])
         assert counters == [1, 2, 3, 4, 5]
         q = await writer.expect(m.OneOffQueryResult)
-        assert q.request_id == 6 and q.rows is not None
+        assert q.request_id == 6
+        assert q.rows is not None
         assert rows_of(writer, q.rows, "canary")[0]["counter"] == 5
         seen = []
         for _ in range(5):
@@ -155,7 +166,9 @@ async def test_unsubscribe_returns_dropped_rows_and_frees_the_id(peer: Peer) -> 
         await c.subscribe(3, "SELECT * FROM tenant")
         await c.send(m.Unsubscribe(50, 3, send_dropped_rows=True))
         u = await c.expect(m.UnsubscribeApplied)
-        assert u.request_id == 50 and u.query_set_id == 3 and u.rows is not None
+        assert u.request_id == 50
+        assert u.query_set_id == 3
+        assert u.rows is not None
         assert sorted(r["id"] for r in rows_of(c, u.rows, "tenant")) == ["acme", "globex"]
         again = await c.subscribe(3, "SELECT * FROM tenant WHERE id = 'acme'")
         assert isinstance(again, m.SubscribeApplied)
@@ -164,7 +177,8 @@ async def test_unsubscribe_returns_dropped_rows_and_frees_the_id(peer: Peer) -> 
         assert u.rows is None
         await c.send(m.Unsubscribe(52, 99, send_dropped_rows=True))
         err = await c.expect(m.SubscriptionError)
-        assert err.request_id == 52 and err.query_set_id == 99
+        assert err.request_id == 52
+        assert err.query_set_id == 99
 
 
 async def test_after_unsubscribe_no_more_updates(peer: Peer) -> None:
@@ -188,11 +202,14 @@ async def test_after_unsubscribe_no_more_updates(peer: Peer) -> None:
         ("SELECT * FROM audit_event", "no such table: `audit_event`"),  # private
     ],
 )
-async def test_bad_sql_gives_a_subscription_error_and_the_id_stays_free(peer: Peer, sql: str, needle: str) -> None:
+async def test_bad_sql_gives_a_subscription_error_and_the_id_stays_free(
+    peer: Peer, sql: str, needle: str
+) -> None:
     async with connect(peer) as c:
         err = await c.subscribe(4, "SELECT * FROM tenant", sql)
         assert isinstance(err, m.SubscriptionError)
-        assert err.query_set_id == 4 and needle in err.error
+        assert err.query_set_id == 4
+        assert needle in err.error
         ok = await c.subscribe(4, "SELECT * FROM tenant")  # the id was never registered
         assert isinstance(ok, m.SubscribeApplied)
 
@@ -201,10 +218,13 @@ async def test_one_off_queries(peer: Peer) -> None:
     async with connect(peer) as c:
         await c.send(m.OneOffQuery(1, "SELECT * FROM tenant WHERE id != 'acme'"))
         r = await c.expect(m.OneOffQueryResult)
-        assert r.rows is not None and [t["id"] for t in rows_of(c, r.rows, "tenant")] == ["globex"]
+        assert r.rows is not None
+        assert [t["id"] for t in rows_of(c, r.rows, "tenant")] == ["globex"]
         await c.send(m.OneOffQuery(2, "SELECT * FROM missing"))
         r = await c.expect(m.OneOffQueryResult)
-        assert r.rows is None and r.error is not None and "missing" in r.error
+        assert r.rows is None
+        assert r.error is not None
+        assert "missing" in r.error
 
 
 async def test_sender_parameter_binds_the_subscribers_identity(peer: Peer) -> None:
@@ -224,11 +244,13 @@ async def test_owner_reads_private_tables() -> None:
     owner_token = auth.mint("owner", issuer=ISS)
     from gatewayd.proto.identity import identity_hex
 
-    async with open_peer("demo", auth=auth, owner_identity=identity_hex(ISS, "owner")) as p:
-        async with connect(p, token=owner_token) as c:
-            applied = await c.subscribe(1, "SELECT * FROM api_key_grant")
-            assert isinstance(applied, m.SubscribeApplied)
-            assert [r["key_id"] for r in rows_of(c, applied.rows, "api_key_grant")] == ["ak-1"]
+    async with (
+        open_peer("demo", auth=auth, owner_identity=identity_hex(ISS, "owner")) as p,
+        connect(p, token=owner_token) as c,
+    ):
+        applied = await c.subscribe(1, "SELECT * FROM api_key_grant")
+        assert isinstance(applied, m.SubscribeApplied)
+        assert [r["key_id"] for r in rows_of(c, applied.rows, "api_key_grant")] == ["ak-1"]
 
 
 async def test_same_table_in_two_query_sets_is_not_deduplicated(peer: Peer) -> None:
@@ -245,7 +267,8 @@ async def test_same_table_in_two_query_sets_is_not_deduplicated(peer: Peer) -> N
 @pytest.mark.parametrize("compression", ["Gzip", "Brotli", "None"])
 async def test_compression_only_above_1024_bytes(peer: Peer, compression: str) -> None:
     async with connect(peer, token=alice(peer), compression=compression) as c:
-        assert c.payloads[0] and c.ws  # InitialConnection read
+        assert c.payloads[0]
+        assert c.ws
         small = await c.subscribe(1, "SELECT * FROM tenant WHERE id = 'acme'")
         assert isinstance(small, m.SubscribeApplied)
         await c.call("create_document", {"tenant_id": "acme", "title": "big", "body": "z" * 5000})
@@ -271,7 +294,8 @@ async def test_default_compression_is_brotli(peer: Peer) -> None:
         tables = ("role_permission", "role", "membership", "document", "actor", "tenant", "canary")
         await c.send(m.Subscribe(1, 1, tuple(f"SELECT * FROM {t}" for t in tables)))
         raw = await c.ws.get_message()
-        assert isinstance(raw, bytes) and raw[0] == 1
+        assert isinstance(raw, bytes)
+        assert raw[0] == 1
         (applied,) = m.decode_server_payload(raw, c.protocol)
         assert isinstance(applied, m.SubscribeApplied)
         assert [t.table for t in applied.rows.tables] == list(tables)
@@ -317,7 +341,8 @@ async def test_many_clients_see_commit_order(peer: Peer) -> None:
 async def test_token_in_query_string(peer: Peer) -> None:
     token = alice(peer)
     async with connect(peer, token=token, token_in_query=True) as c:
-        assert c.initial is not None and c.initial.token == token
+        assert c.initial is not None
+        assert c.initial.token == token
 
 
 async def test_disconnect_runs_client_disconnected_and_drops_subscriptions(peer: Peer) -> None:
