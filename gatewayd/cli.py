@@ -84,7 +84,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     print(
         f"{args.file}: ok ({len(config.streams)} streams, {len(config.reducers)} reducers, "
-        f"{len(config.auth.issuers)} issuers; upstream {config.upstream.url} database {config.upstream.database})"
+        f"{len(config.auth.issuers)} issuers; "
+        f"upstream {config.upstream.url} database {config.upstream.database})"
     )
     return 0
 

@@ -30,7 +30,7 @@ class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class UpstreamConfig(_Strict):
+class UpstreamConfig(_Strict, frozen=True):
     # http(s)://host[:port] of the SpacetimeDB server (the WebSocket URL is derived).
     url: str
     database: str
@@ -51,7 +51,7 @@ class UpstreamConfig(_Strict):
     max_message_bytes: int = 32 * 1024 * 1024
 
 
-class HttpConfig(_Strict):
+class HttpConfig(_Strict, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8080
     # Request heads larger than this are refused (431); bodies larger (413).
@@ -61,7 +61,7 @@ class HttpConfig(_Strict):
     head_timeout_s: float = 10.0
 
 
-class SseConfig(_Strict):
+class SseConfig(_Strict, frozen=True):
     heartbeat_s: float = 15.0
     # Browsers wait retry_ms (+ a random 0..retry_jitter_ms per connection) before reconnecting,
     # so a restart does not bring every client back in the same second.
@@ -74,7 +74,7 @@ class SseConfig(_Strict):
     snapshot_chunk_rows: int = 500
 
 
-class EventLogConfig(_Strict):
+class EventLogConfig(_Strict, frozen=True):
     # Replay ring per (stream, tenant): a client that was away for fewer events than this resumes
     # exactly; beyond it, it gets reset + snapshot.
     max_events_per_partition_count: int = 1000
@@ -86,7 +86,7 @@ class EventLogConfig(_Strict):
     snapshot_pages_count: int = 256
 
 
-class IssuerConfig(_Strict):
+class IssuerConfig(_Strict, frozen=True):
     issuer: str
     # The issuer's public keys: a JWKS file (local issuers, tests, the demo).
     jwks_file: str
@@ -98,13 +98,13 @@ class IssuerConfig(_Strict):
     leeway_s: int = 30
 
 
-class AuthConfig(_Strict):
+class AuthConfig(_Strict, frozen=True):
     issuers: list[IssuerConfig] = msgspec.field(default_factory=list)
     # Longest accepted bearer token (checked before any parsing).
     max_token_bytes: int = 8192
 
 
-class StreamConfig(_Strict):
+class StreamConfig(_Strict, frozen=True):
     name: str
     tables: list[str]
     tenant_column: str
@@ -113,7 +113,7 @@ class StreamConfig(_Strict):
     queries: list[str] = msgspec.field(default_factory=list)
 
 
-class ReducerConfig(_Strict):
+class ReducerConfig(_Strict, frozen=True):
     # The name clients use in POST /v1/reducers/{name}.
     name: str
     permission: str
@@ -124,12 +124,12 @@ class ReducerConfig(_Strict):
     tenant_argument: str | None = None
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(_Strict, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
 
 
-class Config(_Strict):
+class Config(_Strict, frozen=True):
     upstream: UpstreamConfig
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     sse: SseConfig = msgspec.field(default_factory=SseConfig)

@@ -23,7 +23,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -66,13 +68,16 @@ class DemoIssuer:
 
     def mint(self, user: str) -> str:
         sub, tenant, scope = DEMO_USERS[user]
+        return self.mint_for(sub, tenant, scope)
+
+    def mint_for(self, sub: str, tenant: str | None, scope: str, lifetime_s: int = TOKEN_LIFETIME_S) -> str:
         now = int(time.time())
         claims = {
             "iss": DEMO_ISSUER,
             "sub": sub,
             "aud": DEMO_AUDIENCE,
             "iat": now,
-            "exp": now + TOKEN_LIFETIME_S,
+            "exp": now + lifetime_s,
             "jti": uuid.uuid4().hex,
             "tenant_id": tenant,
             "scope": scope,
@@ -124,7 +129,7 @@ def demo_config(peer_url: str, port: int, jwks_path: Path) -> dict[str, Any]:
                 "permission": "document.delete",
                 "actor_argument": "actor_id",
             },
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -152,6 +157,62 @@ async def _writer(gateway: Gateway, rng: random.Random) -> None:
             logger.info("demo writer: %s", exc)
 
 
+@dataclass
+class DevStack:
+    """A dev peer, a local issuer and a gateway, all in this process (demo and tests)."""
+
+    gateway: Gateway
+    peer: Any
+    issuer: DemoIssuer
+    url: str
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@asynccontextmanager
+async def open_dev_stack(
+    module: Any = None,
+    *,
+    port: int = 0,
+    config: dict[str, Any] | None = None,
+    shutdown: trio.Event | None = None,
+    shutdown_grace_s: float = 2.0,
+    peer_settings: dict[str, Any] | None = None,
+) -> AsyncIterator[DevStack]:
+    """Start peer + gateway; ``module`` defaults to the demo module with gatewayd's service
+    identity registered. ``config`` is merged over the demo config (lists replace)."""
+    from gatewayd.peer import DemoConfig, PeerAuth, make_demo_module, open_peer
+
+    if shutdown is None:
+        shutdown = trio.Event()
+    with tempfile.TemporaryDirectory(prefix="gatewayd-dev-") as tmp:
+        issuer = DemoIssuer(Path(tmp))
+        peer_auth = PeerAuth()
+        service_token = peer_auth.mint(SERVICE_SUBJECT, issuer=SERVICE_ISSUER)
+        if module is None:
+            module = make_demo_module(DemoConfig(service_identities=frozenset({service_identity()})))
+        async with open_peer(module, port=0, auth=peer_auth, **(peer_settings or {})) as peer:
+            doc = _merge(demo_config(peer.base_url, port, issuer.jwks_path), config or {})
+            gateway = build_gateway(parse_config(doc), token_source=static_token(service_token))
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(partial_serve(gateway, shutdown, shutdown_grace_s))
+                host, gport = bound[0]
+                try:
+                    yield DevStack(gateway, peer, issuer, f"http://{host}:{gport}/")
+                finally:
+                    shutdown.set()
+
+
+def service_identity() -> str:
+    """The identity the peer derives for the demo's service token."""
+    return identity_hex(SERVICE_ISSUER, SERVICE_SUBJECT)
+
+
 async def serve_demo(
     *,
     port: int,
@@ -159,41 +220,27 @@ async def serve_demo(
     out: Callable[[str], None],
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    from gatewayd.peer import DemoConfig, PeerAuth, make_demo_module, open_peer
-
-    with tempfile.TemporaryDirectory(prefix="gatewayd-demo-") as tmp:
-        issuer = DemoIssuer(Path(tmp))
-        peer_auth = PeerAuth()
-        service_token = peer_auth.mint(SERVICE_SUBJECT, issuer=SERVICE_ISSUER)
-        service_identity = identity_hex(SERVICE_ISSUER, SERVICE_SUBJECT)
-        module = make_demo_module(DemoConfig(service_identities=frozenset({service_identity})))
-        async with open_peer(module, port=0, auth=peer_auth) as peer:
-            config = parse_config(demo_config(peer.base_url, port, issuer.jwks_path))
-            gateway = build_gateway(config, token_source=static_token(service_token))
-            gateway.demo_page = True
-            gateway.demo_login = lambda: {u: issuer.mint(u) for u in DEMO_USERS}
-            async with trio.open_nursery() as nursery:
-                bound = await nursery.start(partial_serve(gateway, shutdown))
-                host, gport = bound[0]
-                url = f"http://{host}:{gport}/"
-                out(f"url: {url}")
-                out(f"token: {issuer.mint('alice')}")
-                out(f"peer: {peer.base_url}/")
-                out(f'try: curl -N -H "Authorization: Bearer $TOKEN" {url}v1/streams/documents')
-                with trio.move_on_after(10):
-                    while gateway.supervisor.state is not UpstreamState.LIVE:
-                        await gateway.supervisor.wait_state_change()
-                async with trio.open_nursery() as writers:
-                    writers.start_soon(_writer, gateway, random.Random(), name="demo-writer")
-                    task_status.started(gateway)
-                    await shutdown.wait()
-                    writers.cancel_scope.cancel()
-                # serve_gateway drains the streams and returns by itself.
+    async with open_dev_stack(port=port, shutdown=shutdown) as stack:
+        gateway = stack.gateway
+        gateway.demo_page = True
+        gateway.demo_login = lambda: {u: stack.issuer.mint(u) for u in DEMO_USERS}
+        out(f"url: {stack.url}")
+        out(f"token: {stack.issuer.mint('alice')}")
+        out(f"peer: {stack.peer.base_url}/")
+        out(f'try: curl -N -H "Authorization: Bearer $TOKEN" {stack.url}v1/streams/documents')
+        with trio.move_on_after(10):
+            while gateway.supervisor.state is not UpstreamState.LIVE:
+                await gateway.supervisor.wait_state_change()
+        async with trio.open_nursery() as writers:
+            writers.start_soon(_writer, gateway, random.Random(), name="demo-writer")
+            task_status.started(gateway)
+            await shutdown.wait()
+            writers.cancel_scope.cancel()
 
 
-def partial_serve(gateway: Gateway, shutdown: trio.Event) -> Any:
+def partial_serve(gateway: Gateway, shutdown: trio.Event, grace_s: float) -> Any:
     async def run(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
-        await serve_gateway(gateway, shutdown=shutdown, shutdown_grace_s=2.0, task_status=task_status)
+        await serve_gateway(gateway, shutdown=shutdown, shutdown_grace_s=grace_s, task_status=task_status)
 
     return run
 

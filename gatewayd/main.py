@@ -142,7 +142,7 @@ def build_gateway(
                 "none": m.Compression.NONE,
                 "gzip": m.Compression.GZIP,
                 "brotli": m.Compression.BROTLI,
-            }[u.compression],  # fmt: skip
+            }[u.compression],
         ),
     )
     query_sets = {f"stream:{s.name}": list(s.queries) for s in streams}

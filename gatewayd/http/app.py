@@ -209,11 +209,18 @@ def create_app(gateway: Gateway) -> QuartTrio:
         try:
             outcome = await gateway.supervisor.call_reducer(upstream, encoded)
         except UpstreamUnavailableError:
-            raise ApiError(503, "upstream_unavailable", "the database is not reachable; the call was not sent",
-                           {"Retry-After": "2"}) from None  # fmt: skip
+            raise ApiError(
+                503,
+                "upstream_unavailable",
+                "the database is not reachable; the call was not sent",
+                {"Retry-After": "2"},
+            ) from None
         except OutcomeUnknownError:
-            raise ApiError(504, "outcome_unknown", "the link to the database dropped before the result; "
-                           "the call may or may not have been applied") from None  # fmt: skip
+            raise ApiError(
+                504,
+                "outcome_unknown",
+                "the link to the database dropped before the result; the call may or may not have been applied",
+            ) from None
         ms = round((time.monotonic() - started) * 1000, 1)
         if isinstance(outcome, pc.ReducerCommitted):
             return _json_response({"status": "committed", "reducer": name, "duration_ms": ms})

@@ -435,6 +435,7 @@ async def serve_db_session(
     """
     err: BaseException | None = None
     session: DbSession | None = None
+    stream: trio.abc.Stream | None = None
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(config.connect_timeout_s):
@@ -484,6 +485,10 @@ async def serve_db_session(
             session._lose_calls()
             session._finish()
             session.closed.set()
+        if stream is not None:
+            # trio-websocket leaves the transport open when its tasks are cancelled mid-flight.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
     if err is None and session is not None:
         err = session.error
     if err is None and session is None:

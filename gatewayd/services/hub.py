@@ -24,6 +24,7 @@ concurrent-stream cap.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -139,10 +140,8 @@ class Subscriber:
             return
         if self.fd is not None and not self.sending:
             hint = sse.frame(f'{{"reason":"{reason}"}}', event="reset")
-            try:
-                os.write(self.fd, hint)  # best effort: a full socket simply loses the hint
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # best effort: a full socket simply loses the hint
+                os.write(self.fd, hint)
         self.close(reason)
 
     def finish(self, reason: str) -> None:
@@ -160,7 +159,6 @@ class Subscriber:
             if self.task_scope is not None and reason in ("send_timeout", "buffer_overflow"):
                 self.task_scope.cancel()
             return
-            return
         self.closed = True
         self.close_reason = reason
         self.hub._closed(self)
@@ -172,7 +170,7 @@ class Subscriber:
         if len(self.backlog) == 1 and self.backlog_bytes <= MAX_WRITE_CHUNK:
             data = self.backlog.popleft()
         else:
-            parts = []
+            parts: list[bytes] = []
             size = 0
             while self.backlog and (not parts or size + len(self.backlog[0]) <= MAX_WRITE_CHUNK):
                 part = self.backlog.popleft()
@@ -263,6 +261,11 @@ class Hub:
 # --- writers ---------------------------------------------------------------------------------
 
 
+def _is_closed(sub: Subscriber) -> bool:
+    # A function call, so type checkers do not assume the flag cannot change across awaits.
+    return sub.closed
+
+
 async def run_socket_writer(sub: Subscriber, stream: trio.SocketStream) -> None:
     """Drain ``sub``'s backlog into its socket, send heartbeats, and notice when the client leaves.
 
@@ -277,9 +280,7 @@ async def run_socket_writer(sub: Subscriber, stream: trio.SocketStream) -> None:
     try:
         with trio.CancelScope() as scope:
             sub.task_scope = scope
-            if sub.closed:
-                return
-            while not sub.closed or sub.backlog:
+            while True:
                 if sub.backlog:
                     data = sub.take_backlog()
                     sub.sending = True
@@ -291,7 +292,7 @@ async def run_socket_writer(sub: Subscriber, stream: trio.SocketStream) -> None:
                         return
                     sub.last_write = trio.current_time()
                     continue
-                if sub.closed:
+                if _is_closed(sub):
                     break
                 deadline = sub.last_write + cfg.heartbeat_s
                 if trio.current_time() >= deadline:
@@ -300,7 +301,7 @@ async def run_socket_writer(sub: Subscriber, stream: trio.SocketStream) -> None:
                 sub.wake = trio.Event()
                 with trio.move_on_at(deadline) as ws:
                     sub._wait_scope = ws
-                    if sub.backlog or sub.closed:
+                    if sub.backlog or _is_closed(sub):
                         continue
                     await trio.lowlevel.wait_readable(sock)
                 sub._wait_scope = None
