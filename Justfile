@@ -35,9 +35,9 @@ check:
 bench:
     {{py}} bench/decode_rows.py
 
-# The dev peer with the demo module on 127.0.0.1:3000 (Ctrl-C stops it).
-demo:
-    {{bin}}/gatewayd peer --port 3000 --module demo
+# Everything embedded on 127.0.0.1: dev peer, gateway, demo page, a writer (Ctrl-C stops it).
+demo port="8080":
+    {{bin}}/gatewayd demo --port {{port}}
 
 # What CI runs (.ci/run calls this after installing from scratch).
 ci: check test
