@@ -15,9 +15,11 @@ install:
     {{py}} -m pip install -q --upgrade pip
     {{py}} -m pip install -q -e '.[test]'
 
-# Prepare the npm harness (official SpacetimeDB TypeScript SDK) used by node-marked tests.
+# Prepare the npm harnesses: the official SpacetimeDB TypeScript SDK (node-marked tests) and
+# playwright-core for Debian's headless Chromium (browser-marked tests, tests/e2e/test_browser.py).
 harness:
     bash tests/harness/ts-sdk/setup.sh
+    bash tests/harness/browser/setup.sh
 
 # Run the whole test suite.
 test *ARGS: harness
