@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Final
 
+import msgspec
 import trio
 
 from gatewayd.proto import sse
@@ -139,7 +140,8 @@ class Subscriber:
         if self.closed:
             return
         if self.fd is not None and not self.sending:
-            hint = sse.frame(f'{{"reason":"{reason}"}}', event="reset")
+            # The same data as every other reset event: {"event": "reset", "reason": ...}.
+            hint = sse.json_frame(msgspec.json.encode({"event": "reset", "reason": reason}), event="reset")
             with contextlib.suppress(OSError):  # best effort: a full socket simply loses the hint
                 os.write(self.fd, hint)
         self.close(reason)
