@@ -351,7 +351,10 @@ class DbSession:
             self.error = exc
         finally:
             self._lose_calls()
-            self._finish()
+            if not self._closing:
+                # During aclose() the close handshake is still running in trio-websocket's own
+                # task: aclose() finishes the session once it completed (or timed out).
+                self._finish()
 
     def _finish(self) -> None:
         self._wake.set()
