@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from gatewayd.config import load_config
     from gatewayd.errors import ConfigError
-    from gatewayd.main import build_gateway, run_until_signal, serve_gateway, setup_logging
+    from gatewayd.main import build_gateway, run_command, serve_gateway, setup_logging
 
     try:
         config = load_config(args.config)
@@ -63,10 +63,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     async def body(shutdown: trio.Event) -> None:
         await serve_gateway(gateway, shutdown=shutdown)
 
-    try:
-        trio.run(run_until_signal, body)
-    except OSError as exc:
-        print(f"gatewayd: {exc}", file=sys.stderr)
+    failure = run_command(body)
+    if failure is not None:
+        print(f"gatewayd: {failure}", file=sys.stderr)
         return 1
     return 0
 

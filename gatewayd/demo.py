@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gatewayd.config import parse_config
 from gatewayd.errors import GatewayError
-from gatewayd.main import Gateway, build_gateway, run_until_signal, serve_gateway, setup_logging
+from gatewayd.main import Gateway, build_gateway, run_command, serve_gateway, setup_logging
 from gatewayd.proto.identity import identity_hex
 from gatewayd.services.supervisor import UpstreamState, static_token
 
@@ -257,9 +257,8 @@ def run_demo_cli(port: int) -> int:
             await nursery.start(lambda task_status: serve_demo(port=port, shutdown=shutdown, out=out,
                                                                task_status=task_status))  # fmt: skip
 
-    try:
-        trio.run(run_until_signal, body)
-    except OSError as exc:
-        sys.stderr.write(f"gatewayd demo: {exc}\n")
+    failure = run_command(body)
+    if failure is not None:
+        sys.stderr.write(f"gatewayd demo: {failure}\n")
         return 1
     return 0

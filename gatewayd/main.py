@@ -261,3 +261,21 @@ async def run_until_signal(body: Callable[[trio.Event], Any]) -> None:
         nursery.start_soon(watch)
         await body(shutdown)
         nursery.cancel_scope.cancel()
+
+
+def run_command(body: Callable[[trio.Event], Any]) -> OSError | None:
+    """``trio.run(run_until_signal, body)`` for a CLI command. Returns the OSError that stopped it
+    (a port already in use, say), taken out of trio's exception groups so that the command can
+    print it as one line, or None after a clean stop."""
+    failed: list[OSError] = []
+    try:
+        trio.run(run_until_signal, body)
+    except* OSError as group:
+        failed.extend(_leaves(group))
+    return failed[0] if failed else None
+
+
+def _leaves(exc: BaseException) -> list[OSError]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc] if isinstance(exc, OSError) else []
