@@ -335,22 +335,29 @@ def test_too_many_streams_per_principal_answers_429(demo: DemoProcess) -> None:
 
 def test_sigint_sends_shutdown_to_open_streams_and_exits_zero(tmp_path: Any) -> None:
     demo = start_demo(tmp_path)
+    client, transport = tee_client()
     try:
-        with open_stream(demo) as s:
+        assert client.get(demo.url + "healthz", timeout=WAIT_S).status_code == 200
+        # One stream on its own connection (native path), one on a kept-alive API connection.
+        with open_stream(demo) as s, open_stream(demo, client=(client, transport)) as k:
             s.read_snapshot()
+            k.read_snapshot()
             t0 = time.monotonic()
             demo.interrupt()
-            got = s.until(lambda e: e.event == "shutdown", what="event: shutdown", timeout=5)
-            assert json.loads(got[-1].data)["event"] == "shutdown"
-            # The shutdown event comes right after a reconnection delay for the browser.
-            assert s.received[-2].retry is not None
-            assert s.received[-2].data == ""
-            assert json.loads(got[-1].data)["reason"]
-            s.drain_to_end(timeout=5)
-            s.cross_check()
+            for stream in (s, k):
+                got = stream.until(lambda e: e.event == "shutdown", what="event: shutdown", timeout=5)
+                doc = json.loads(got[-1].data)
+                assert doc["event"] == "shutdown"
+                assert doc["reason"]
+                # The shutdown event comes right after a reconnection delay for the browser.
+                assert stream.received[-2].retry is not None
+                assert stream.received[-2].data == ""
+                stream.drain_to_end(timeout=5)
+                stream.cross_check()
         rc = demo.proc.wait(timeout=5)
         elapsed = time.monotonic() - t0
     finally:
+        client.close()
         demo.stop()
     assert rc == 0, demo.stderr()[-3000:]
     assert elapsed < 5, f"exit took {elapsed:.1f} s"
