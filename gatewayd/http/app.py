@@ -219,7 +219,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
             raise ApiError(
                 504,
                 "outcome_unknown",
-                "the link to the database dropped before the result; the call may or may not have been applied",
+                "the link to the database dropped before the result; it may or may not have been applied",
             ) from None
         ms = round((time.monotonic() - started) * 1000, 1)
         if isinstance(outcome, pc.ReducerCommitted):

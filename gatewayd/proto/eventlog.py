@@ -45,7 +45,7 @@ class Replay:
 class Reset:
     """Resume is impossible; the client gets a ``reset`` event and a fresh snapshot."""
 
-    reason: str  # "malformed" | "other_epoch" | "other_partition" | "evicted" | "unknown"
+    reason: str  # "malformed" | "other_epoch" | "other_partition" | "evicted" | "unknown" | "stale"
 
 
 @dataclass(slots=True)
@@ -57,6 +57,8 @@ class PartitionLog:
     ring_bytes: int = 0
     # Lowest seq a client may still resume from (after eviction, anything below is unknown).
     floor: int = 0
+    generation: int = 0
+    retired_tags: set[str] = field(default_factory=set)
 
     @property
     def first_seq(self) -> int:
@@ -86,9 +88,19 @@ class EventLog:
         self.total_bytes = 0
         self.evicted_events = 0
 
-    def _tag(self, key: PartitionKey) -> str:
-        h = hashlib.blake2s(f"{key[0]}\x00{key[1]}".encode(), key=self._key, digest_size=5)
+    def _tag(self, key: PartitionKey, generation: int = 0) -> str:
+        h = hashlib.blake2s(f"{key[0]}\x00{key[1]}\x00{generation}".encode(), key=self._key, digest_size=5)
         return h.hexdigest()
+
+    def restart_partition(self, key: PartitionKey) -> None:
+        """Start a new generation: earlier cursors of this partition reset with ``stale``."""
+        p = self.partition(key)
+        while p.ring:
+            self._evict_one(p)
+        p.retired_tags.add(p.tag)
+        p.generation += 1
+        p.tag = self._tag(key, p.generation)
+        p.seq = p.floor = 0
 
     def partition(self, key: PartitionKey) -> PartitionLog:
         p = self.partitions.get(key)
@@ -152,6 +164,8 @@ class EventLog:
         if epoch != self.epoch:
             return Reset("other_epoch")
         p = self.partition(key)
+        if tag in p.retired_tags:
+            return Reset("stale")
         if tag != p.tag:
             return Reset("other_partition")
         if seq > p.seq:

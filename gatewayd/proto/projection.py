@@ -101,8 +101,9 @@ class Projector:
         self.events += 1
         return Published(key, seq, eid, event, frame)
 
-    def apply(self, changes: Iterable[RowChange]) -> list[Published]:
-        """Apply one batch; returns its events in order. Sync: never awaits."""
+    def apply(self, changes: Iterable[RowChange], only: set[str] | None = None) -> list[Published]:
+        """Apply one batch (to the streams in ``only``, default all); returns its events in order.
+        Sync: never awaits."""
         out: list[Published] = []
         parts = self._partitions
         for ch in changes:
@@ -111,6 +112,8 @@ class Projector:
                 continue
             rk = (ch.table, ch.key)
             for s in streams:
+                if only is not None and s.name not in only:
+                    continue
                 col = s.tenant_column
                 if ch.kind == "event":
                     tenant = _tenant_of(ch.row, col)
@@ -144,6 +147,22 @@ class Projector:
                 if old_t is None and new_t is None:
                     self.skipped += 1
         return out
+
+    def streams_of_tables(self, tables: Iterable[str]) -> set[str]:
+        return {s.name for t in tables for s in self._by_table.get(t, ())}
+
+    def restart_streams(self, names: set[str], changes: Iterable[RowChange]) -> list[PartitionKey]:
+        """Reconciliation is impossible for these streams (their row types changed): apply the
+        changes without events and start every partition of theirs over (old cursors go stale).
+        Returns the partitions whose clients must be told to reset."""
+        before = {k for k in self._partitions if k[0] in names}
+        keep_events = self.events
+        self.apply(changes, only=names)  # the events are dropped: clients start over anyway
+        self.events = keep_events
+        affected = sorted(before | {k for k in self._partitions if k[0] in names})
+        for key in affected:
+            self.log.restart_partition(key)
+        return affected
 
     def snapshot(self, stream: str, tenant: str) -> tuple[list[tuple[str, Any]], str, int]:
         """(rows as (table, row), cursor, seq) of one partition, consistent with each other."""

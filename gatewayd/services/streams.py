@@ -23,6 +23,7 @@ import msgspec
 from gatewayd.proto import sse
 from gatewayd.proto.eventlog import EventLog, Replay, Reset
 from gatewayd.proto.projection import SCHEMA_VERSION, Projector, StreamDef
+from gatewayd.proto.schema import ModuleSchema
 from gatewayd.proto.tokens import PermissionDenied, Principal
 from gatewayd.services.hub import Hub, HubConfig, Subscriber
 from gatewayd.services.supervisor import ChangeBatch
@@ -79,6 +80,7 @@ class StreamService:
         self._pages: OrderedDict[str, _Pages] = OrderedDict()
         self.batches = 0
         self.resets: dict[str, int] = {}
+        self._row_types: dict[str, Any] = {}
 
     @property
     def streams(self) -> dict[str, StreamDef]:
@@ -89,8 +91,36 @@ class StreamService:
     def apply(self, batch: ChangeBatch) -> None:
         self.batches += 1
         hub = self.hub
+        if batch.schema is not None:
+            changed = self._row_types_changed(batch.schema)
+            if changed:
+                self._restart(changed, batch)
+                return
         for ev in self.projector.apply(batch.changes):
             hub.publish(ev.partition, ev.frame)
+
+    def _row_types_changed(self, schema: ModuleSchema) -> set[str]:
+        """Streamed tables whose row type differs from the one their rows were decoded with."""
+        tables = {t for s in self.streams.values() for t in s.tables}
+        now = {t: schema.tables[t].row_type for t in tables if t in schema.tables}
+        before, self._row_types = self._row_types, now
+        if not before:
+            return set()
+        return {t for t in tables if before.get(t) != now.get(t)}
+
+    def _restart(self, tables: set[str], batch: ChangeBatch) -> None:
+        """Reconciliation impossible (a module update changed row types): every client of the
+        affected streams gets ``reset`` and its stream ends; resuming gives a fresh snapshot."""
+        names = self.projector.streams_of_tables(tables)
+        logger.warning("row types of %s changed: restarting streams %s", sorted(tables), sorted(names))
+        for key in self.projector.restart_streams(names, batch.changes):
+            for sub in tuple(self.hub.partitions.get(key, ())):
+                sub.push(self.reset_frame("schema_changed"))
+                sub.finish("schema_changed")
+        # For every other stream the batch is an ordinary change.
+        others = set(self.streams) - names
+        for ev in self.projector.apply(batch.changes, only=others):
+            self.hub.publish(ev.partition, ev.frame)
 
     # --- authorization -------------------------------------------------------------------------
 

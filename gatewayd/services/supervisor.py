@@ -126,11 +126,16 @@ def static_token(token: str | None) -> TokenSource:
 
 @dataclass(frozen=True, slots=True)
 class ChangeBatch:
-    """Row changes that happened together (one transaction, one reconcile, one subscription)."""
+    """Row changes that happened together (one transaction, one reconcile, one subscription).
+
+    ``schema`` is set on ``initial`` and ``reconcile`` batches: the schema the rows are decoded
+    with from now on (it may differ from before after a module update).
+    """
 
     changes: list[RowChange]
     cause: str  # "initial" | "reconcile" | "transaction" | "reducer" | "subscribe" | "query_set_dropped"
     request_id: int | None = None
+    schema: ModuleSchema | None = None
 
 
 Sink = Callable[[ChangeBatch], None]
@@ -349,9 +354,15 @@ class UpstreamSupervisor:
 
     # --- events from sessions (sync) ------------------------------------------------------------
 
-    def _emit(self, changes: list[RowChange], cause: str, request_id: int | None = None) -> None:
-        if changes:
-            self._sink(ChangeBatch(changes, cause, request_id))
+    def _emit(
+        self,
+        changes: list[RowChange],
+        cause: str,
+        request_id: int | None = None,
+        schema: ModuleSchema | None = None,
+    ) -> None:
+        if changes or schema is not None:
+            self._sink(ChangeBatch(changes, cause, request_id, schema))
 
     def _on_event(self, session: DbSession, ev: pc.Event) -> None:
         if session is not self.active:
@@ -464,7 +475,7 @@ class UpstreamSupervisor:
             len(new.cache),
             len(changes),
         )
-        self._emit(changes, cause)
+        self._emit(changes, cause, schema=new.schema)
 
     async def _retire(self, old: DbSession) -> None:
         """Let the old session's in-flight calls answer (bounded), then close it."""

@@ -13,7 +13,7 @@ import trio
 
 from gatewayd.demo import DevStack, open_dev_stack
 from gatewayd.peer import Caller, Module, ReducerContext
-from gatewayd.proto.sats import STRING, U32, U64
+from gatewayd.proto.sats import STRING, U32, U64, option
 from gatewayd.services.supervisor import UpstreamState
 from tests.streams.sseclient import Event, SseClient
 
@@ -353,3 +353,30 @@ async def test_long_run_connect_and_leave_keeps_memory_bounded() -> None:
         assert hub.partitions == {}
         assert dict(hub.per_principal) == {}
         assert st.gateway.streams.log.total_bytes <= st.gateway.config.event_log.max_total_bytes
+
+
+async def test_module_update_that_changes_a_row_type_resets_its_streams() -> None:
+    async with stack() as st:
+        sup = st.gateway.supervisor
+        c = await open_notes(st, "t-a")
+        await snapshot_then(c)
+        old_cursor = c.last_id
+        reconnects = sup.reconnects
+        # A module update adds a column; later updates carry rows in the new layout.
+        st.peer.hotswap("note", {"id": U64, "tenant_id": STRING, "body": STRING, "pinned": option(STRING)})
+        insert_note(st, 50, "t-a")
+        events = await c.events_until(lambda e: False)  # read until the gateway ends the stream
+        assert [e.event for e in events] == ["reset"]
+        assert events[0].json["reason"] == "schema_changed"
+        await c.aclose()
+        assert sup.reconnects == reconnects + 1
+        assert sup.decode_errors == 1
+        # Resuming with the old cursor: reset (stale), then a snapshot in the new layout.
+        c2 = await open_notes(st, "t-a", last_event_id=old_cursor)
+        evs = await snapshot_then(c2)
+        assert [e.event for e in evs] == ["reset", "snapshot"]
+        assert evs[0].json["reason"] == "stale"
+        rows = {r["row"]["id"]: r["row"] for r in evs[1].json["rows"]}
+        assert rows[50]["pinned"] is None
+        assert set(rows[1]) == {"id", "tenant_id", "body", "pinned"}
+        await c2.aclose()
