@@ -9,8 +9,8 @@ Task tree::
         └── connection nursery         (every client connection: native streams and API)
             └── accept nursery         (trio.serve_listeners on the front)
 
-Shutdown (the ``shutdown`` event): stop accepting; every stream gets a ``shutdown`` event with a
-randomized ``retry:`` and ends; API connections are told to close; connections get
+Shutdown (the ``shutdown`` event): stop accepting; every stream gets its own randomized ``retry:``
+(retry_ms + 0..retry_jitter_ms) and a ``shutdown`` event, and ends; API connections are told to close; connections get
 ``shutdown_grace_s`` to finish; then the supervisor closes the upstream session with a close
 frame, and everything returns.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -207,12 +206,16 @@ async def serve_gateway(
                 )
                 accept.cancel_scope.cancel()
             front.accepting = False
-            jitter = random.randint(0, max(1, cfg.sse.retry_jitter_ms))
-            bye = sse.retry(cfg.sse.retry_ms + jitter) + sse.json_frame(
+            bye = sse.json_frame(
                 msgspec.json.encode({"event": "shutdown", "reason": "gateway shutting down"}),
                 event="shutdown",
             )
-            gateway.streams.hub.finish_all(bye, "shutdown")
+            hub = gateway.streams.hub
+            for subs in tuple(hub.partitions.values()):
+                for sub in subs:
+                    # Each client its own jittered retry: they must not all come back at once.
+                    sub.push(gateway.streams.retry_frame() + bye)
+            hub.finish_all(None, "shutdown")
             await api.context.terminated.set()
             connections.cancel_scope.deadline = trio.current_time() + shutdown_grace_s
         logger.info("shutdown: connections closed; closing the upstream session")

@@ -9,6 +9,7 @@ the tests never assume a quiet stream: they compare ids and bytes, not counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -84,6 +85,17 @@ def test_snapshot_carries_seeded_acme_documents_and_ends_with_the_cursor(demo: D
         last_chunk_at = raw.rindex(b"event: snapshot")
         assert f"id: {cursor}\n".encode() in raw[raw.rindex(b"\n\n", 0, last_chunk_at) :]
         s.cross_check()
+
+
+def test_retry_is_jittered_per_connection(demo: DemoProcess) -> None:
+    retries = []
+    for _ in range(5):
+        with open_stream(demo) as s:
+            first = s.next()
+            assert first.retry is not None
+            retries.append(first.retry)
+    assert all(1000 <= r <= 3000 for r in retries), retries
+    assert len(set(retries)) > 1, retries
 
 
 def test_change_made_through_the_api_arrives_live_with_the_envelope(demo: DemoProcess) -> None:
@@ -338,24 +350,32 @@ def test_sigint_sends_shutdown_to_open_streams_and_exits_zero(tmp_path: Any) -> 
     client, transport = tee_client()
     try:
         assert client.get(demo.url + "healthz", timeout=WAIT_S).status_code == 200
-        # One stream on its own connection (native path), one on a kept-alive API connection.
-        with open_stream(demo) as s, open_stream(demo, client=(client, transport)) as k:
-            s.read_snapshot()
-            k.read_snapshot()
+        # Streams on their own connections (native path), one on a kept-alive API connection.
+        with contextlib.ExitStack() as stack:
+            k = stack.enter_context(open_stream(demo, client=(client, transport)))
+            natives = [stack.enter_context(open_stream(demo)) for _ in range(5)]
+            for stream in (k, *natives):
+                stream.read_snapshot()
             t0 = time.monotonic()
             demo.interrupt()
-            for stream in (s, k):
+            retries = []
+            for stream in (k, *natives):
                 got = stream.until(lambda e: e.event == "shutdown", what="event: shutdown", timeout=5)
                 doc = json.loads(got[-1].data)
                 assert doc["event"] == "shutdown"
                 assert doc["reason"]
                 # The shutdown event comes right after a reconnection delay for the browser.
-                assert stream.received[-2].retry is not None
+                retry = stream.received[-2].retry
+                assert retry is not None
+                assert 1000 <= retry <= 3000
                 assert stream.received[-2].data == ""
+                retries.append(retry)
                 stream.drain_to_end(timeout=5)
                 stream.cross_check()
         rc = demo.proc.wait(timeout=5)
         elapsed = time.monotonic() - t0
+        # Jittered per connection, so that the clients do not all come back in the same instant.
+        assert len(set(retries)) > 1, retries
     finally:
         client.close()
         demo.stop()
