@@ -98,6 +98,12 @@ def test_demo_page_shows_snapshot_and_live_changes(
     assert browser.wait_for(TITLE_GONE, edited)
     assert browser.evaluate(DOC_WITH_TITLE, edited) is None
 
+    # Signing in as carol (tenant globex) reconnects with her cookie: only globex's documents.
+    browser.call("select", selector="#user", value="carol")
+    titles = browser.wait_for(TITLES_SHOWN, sorted(SEEDED_GLOBEX_TITLES))
+    assert not set(titles) & (SEEDED_ACME_TITLES | {api_title, tricky}), titles
+    assert browser.wait_for("() => document.getElementById('tenant').textContent === 'tenant: globex'")
+
     shot = tmp_path / "demo.png"
     assert browser.call("screenshot", path=str(shot))["path"] == str(shot)
     assert shot.stat().st_size > 1000

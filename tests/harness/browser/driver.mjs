@@ -11,7 +11,8 @@
 // profile (playwright's launch() uses a new temporary --user-data-dir).
 //
 // Ops: launch, goto {url}, wait_for_function {expression, arg, timeout_ms}, evaluate {expression,
-// arg}, fill {selector, value}, click {selector}, screenshot {path}, close.
+// arg}, fill {selector, value}, select {selector, value}, click {selector}, dialog_answers
+// {answers} (for prompt()), screenshot {path}, close.
 // `expression` is the source of a JavaScript function taking one argument.
 
 import { createInterface } from "node:readline";
@@ -77,6 +78,9 @@ const ops = {
   async fill({ selector, value }) {
     await page.fill(selector, value, { timeout: 5000 });
     return null;
+  },
+  async select({ selector, value }) {
+    return await page.selectOption(selector, value, { timeout: 5000 });
   },
   async click({ selector }) {
     await page.click(selector, { timeout: 5000 });
