@@ -110,3 +110,27 @@ def test_demo_page_shows_snapshot_and_live_changes(
     width, height = _png_size(shot)
     assert width >= 800
     assert height > 200
+
+
+def test_page_keeps_its_rows_on_an_eviction_reset(demo: DemoProcess, browser: Browser) -> None:
+    """A client cut for falling behind gets a last ``reset`` and the connection closes; its
+    EventSource then resumes with Last-Event-ID, which may replay the missed events without a
+    snapshot. So the page must keep its rows on ``reset`` and replace them only when a snapshot
+    begins (chunk 0), or it would end up showing just the replayed rows."""
+    assert browser.call("goto", url=demo.url)["status"] == 200
+    browser.wait_for(TITLES_SHOWN, sorted(SEEDED_ACME_TITLES))
+    before = browser.evaluate("() => docs.size")
+    assert before >= len(SEEDED_ACME_TITLES)
+    # What the gateway writes to an evicted client (hub.Subscriber.evict), delivered to the page's
+    # own EventSource object.
+    browser.evaluate(
+        """() => source.dispatchEvent(new MessageEvent("reset",
+             {data: JSON.stringify({event: "reset", reason: "buffer_overflow"})}))"""
+    )
+    assert browser.evaluate("() => docs.size") == before
+    page_log = browser.evaluate("() => document.getElementById('log').textContent")
+    assert "reset: buffer_overflow" in page_log
+    # A new document still renders together with the old ones.
+    title = f"after reset {uuid.uuid4().hex[:8]}"
+    call_reducer(demo, "create_document", {"title": title, "body": ""})
+    browser.wait_for(TITLES_SHOWN, [*sorted(SEEDED_ACME_TITLES), title])
