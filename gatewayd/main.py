@@ -11,8 +11,8 @@ Task tree::
 
 Shutdown (the ``shutdown`` event): stop accepting; every stream gets its own randomized ``retry:``
 (retry_ms + 0..retry_jitter_ms) and a ``shutdown`` event, and ends; API connections are told to
-close; connections get ``shutdown_grace_s`` to finish; then the supervisor closes the upstream session with a close
-frame, and everything returns.
+close; connections get ``shutdown_grace_s`` to finish; then the supervisor closes the upstream
+session with a close frame, and everything returns.
 """
 
 from __future__ import annotations
