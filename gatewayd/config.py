@@ -124,6 +124,39 @@ class ReducerConfig(_Strict, frozen=True):
     tenant_argument: str | None = None
 
 
+class AccessConfig(_Strict, frozen=True):
+    # "claims": rights come from the token's scope claim and tenant claim (simple deployments).
+    # "tables": rights come from the module's membership / role_permission / api_key_grant tables,
+    # projected live; streams are re-checked (and revoked) as those rows change.
+    mode: Literal["claims", "tables"] = "claims"
+    membership_table: str = "membership"
+    membership_actor_column: str = "actor_id"
+    membership_tenant_column: str = "tenant_id"
+    membership_role_column: str = "role"
+    membership_version_column: str | None = "version"
+    role_permission_table: str = "role_permission"
+    role_column: str = "role"
+    permission_column: str = "permission"
+    api_key_grant_table: str | None = "api_key_grant"
+    grant_robot_column: str = "robot_actor_id"
+    grant_tenant_column: str = "tenant_id"
+    grant_scopes_column: str = "scopes"
+    grant_enabled_column: str = "enabled"
+
+
+class CanaryConfig(_Strict, frozen=True):
+    # /readyz's proof that updates flow (gatewayd/services/canary.py): every interval_s gatewayd
+    # calls `reducer(name)` over SpacetimeDB's HTTP API and waits for the change to row `name` of
+    # `table` to come back through its subscription; older than bound_s -> not ready.
+    reducer: str = "bump_canary"
+    table: str = "canary"
+    name: str = "gateway"
+    key_column: str = "name"
+    interval_s: float = 5.0
+    bound_s: float = 15.0
+    call_timeout_s: float = 5.0
+
+
 class LoggingConfig(_Strict, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -137,7 +170,9 @@ class Config(_Strict, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     streams: list[StreamConfig] = msgspec.field(default_factory=list)
     reducers: list[ReducerConfig] = msgspec.field(default_factory=list)
+    access: AccessConfig = msgspec.field(default_factory=AccessConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    canary: CanaryConfig | None = None
 
     def stream_queries(self, s: StreamConfig) -> list[str]:
         return list(s.queries) or [f"SELECT * FROM {t}" for t in s.tables]
@@ -217,6 +252,16 @@ def _problems(cfg: Config, base: Path) -> list[str]:
             out.append(f"{where}.leeway_s: must be between 0 and 30")
         if iss.max_lifetime_s <= 0:
             out.append(f"{where}.max_lifetime_s: must be > 0")
+    if cfg.canary is not None:
+        c = cfg.canary
+        if not (_IDENT.fullmatch(c.reducer) and _IDENT.fullmatch(c.table) and _IDENT.fullmatch(c.key_column)):
+            out.append("canary: reducer, table and key_column must be identifiers")
+        if not c.name or len(c.name) > 64:
+            out.append("canary.name: 1-64 characters")
+        if c.interval_s <= 0 or c.call_timeout_s <= 0:
+            out.append("canary.interval_s / call_timeout_s: must be > 0")
+        if c.bound_s <= c.interval_s + c.call_timeout_s:
+            out.append("canary.bound_s: must exceed interval_s + call_timeout_s (or a healthy gateway flaps)")
     return out
 
 

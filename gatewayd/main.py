@@ -35,11 +35,15 @@ from gatewayd.config import Config, read_secret
 from gatewayd.http.front import ApiServer, Front, FrontConfig
 from gatewayd.proto import messages as m
 from gatewayd.proto import sse
+from gatewayd.proto.access import AccessIndex, AccessTables
 from gatewayd.proto.eventlog import EventLog
 from gatewayd.proto.projection import StreamDef
 from gatewayd.proto.tokens import IssuerKeys, Principal, Verifier, load_jwks
+from gatewayd.services.canary import Canary, make_canary
 from gatewayd.services.db_ws import SessionConfig, UpstreamTarget
 from gatewayd.services.hub import HubConfig
+from gatewayd.services.metrics import GatewayMetrics
+from gatewayd.services.notify import SystemdNotifier, serve_gateway_notifications
 from gatewayd.services.streams import StreamsConfig, StreamService
 from gatewayd.services.supervisor import (
     SupervisorConfig,
@@ -66,6 +70,9 @@ class Gateway:
     demo_page: bool = False
     demo_login: Callable[[], dict[str, Any]] = field(default=lambda: {})
     bound: list[tuple[str, int]] = field(default_factory=list)
+    canary: Canary | None = None  # /readyz's proof that updates flow ([canary] in the config)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    front: Front | None = None  # set by serve_gateway (connection metrics)
 
     def authenticate(self, token: str) -> Principal:
         return self.verifier.verify(token, now=time.time())
@@ -109,6 +116,10 @@ def build_gateway(
         max_bytes_per_partition=config.event_log.max_bytes_per_partition,
         max_total_bytes=config.event_log.max_total_bytes,
     )
+    access = None
+    if config.access.mode == "tables":
+        a = config.access
+        access = AccessIndex(AccessTables(**{f: getattr(a, f) for f in AccessTables.__dataclass_fields__}))
     service = StreamService(
         streams,
         log,
@@ -125,6 +136,7 @@ def build_gateway(
             snapshot_page_ttl_s=config.event_log.snapshot_page_ttl_s,
             snapshot_pages_count=config.event_log.snapshot_pages_count,
         ),
+        access=access,
     )
     sup_cfg = SupervisorConfig(
         backoff_initial_s=u.backoff_initial_s,
@@ -145,10 +157,17 @@ def build_gateway(
         ),
     )
     query_sets = {f"stream:{s.name}": list(s.queries) for s in streams}
+    if access is not None:
+        # One query set per table: a refused table (e.g. private) must not hide the others.
+        query_sets.update({f"access:{t}": [f"SELECT * FROM {t}"] for t in access.t.tables})
+    target = UpstreamTarget(u.url, u.database)
+    canary = make_canary(config.canary, target, token_source)
+    if canary is not None:
+        query_sets.update(canary.query_sets())
     supervisor = UpstreamSupervisor(
-        target=UpstreamTarget(u.url, u.database),
+        target=target,
         query_sets=query_sets,
-        sink=service.apply,
+        sink=canary.wrap(service.apply) if canary is not None else service.apply,
         token_source=token_source,
         config=sup_cfg,
     )
@@ -158,6 +177,7 @@ def build_gateway(
         streams=service,
         verifier=verifier or build_verifier(config, base),
         reducers={r.name: r for r in config.reducers},
+        canary=canary,
     )
 
 
@@ -166,10 +186,12 @@ async def serve_gateway(
     *,
     shutdown: trio.Event,
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+    notifier: SystemdNotifier | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole gateway until ``shutdown`` is set; ``task_status.started(bound addresses)``
-    once HTTP is listening (the upstream may still be connecting: see /readyz)."""
+    once HTTP is listening (the upstream may still be connecting: see /readyz). ``notifier``
+    reports to systemd (READY=1 once the upstream is subscribed too, STATUS, WATCHDOG, STOPPING)."""
     from gatewayd.http.app import create_app  # quart is heavy; only the daemon needs it
 
     cfg = gateway.config
@@ -188,6 +210,7 @@ async def serve_gateway(
     listeners = await trio.open_tcp_listeners(cfg.http.port, host=cfg.http.host)
     bound = [(str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners]
     gateway.bound = bound
+    gateway.front = front
     async with trio.open_nursery() as services:
         services.start_soon(gateway.supervisor.serve, name="upstream-supervisor")
         await services.start(api.serve)
@@ -200,6 +223,13 @@ async def serve_gateway(
                 )
                 logger.info("listening on %s", ", ".join(f"http://{h}:{p}" for h, p in bound))
                 task_status.started(bound)
+                if notifier is not None:
+                    services.start_soon(
+                        partial(serve_gateway_notifications, notifier, gateway.supervisor, shutdown=shutdown),
+                        name="systemd-notify",
+                    )
+                if gateway.canary is not None:
+                    services.start_soon(gateway.canary.serve, gateway.supervisor, name="canary")
                 await shutdown.wait()
                 logger.info(
                     "shutdown: stop accepting, ending %d streams", gateway.streams.hub.subscriber_count()

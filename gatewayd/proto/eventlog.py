@@ -45,7 +45,8 @@ class Replay:
 class Reset:
     """Resume is impossible; the client gets a ``reset`` event and a fresh snapshot."""
 
-    reason: str  # "malformed" | "other_epoch" | "other_partition" | "evicted" | "unknown" | "stale"
+    # "malformed" | "other_epoch" | "other_partition" | "evicted" | "unknown" | "stale" | "before_grant"
+    reason: str
 
 
 @dataclass(slots=True)
@@ -170,8 +171,10 @@ class EventLog:
             return Reset("other_partition")
         if seq > p.seq:
             return Reset("unknown")
-        if seq < p.floor or seq < floor:
+        if seq < p.floor:
             return Reset("evicted")
+        if seq < floor:
+            return Reset("before_grant")
         return Replay([f for s, f in p.ring if s > seq], seq)
 
     def statistics(self) -> dict[str, int]:

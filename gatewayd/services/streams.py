@@ -21,6 +21,8 @@ from typing import Any, Final
 import msgspec
 
 from gatewayd.proto import sse
+from gatewayd.proto.access import AccessIndex
+from gatewayd.proto.cache import RowChange
 from gatewayd.proto.eventlog import EventLog, Replay, Reset
 from gatewayd.proto.projection import SCHEMA_VERSION, Projector, StreamDef
 from gatewayd.proto.schema import ModuleSchema
@@ -69,9 +71,16 @@ class StreamService:
         hub_config: HubConfig,
         config: StreamsConfig,
         *,
+        access: AccessIndex | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.projector = Projector(streams, log)
+        # None: rights come from token claims. Otherwise from the projected access tables.
+        self.access = access
+        self._access_tables = frozenset(access.t.tables) if access is not None else frozenset()
+        # (subject, tenant, stream) -> partition seq when the right appeared (replay floor).
+        self.grant_seq: dict[tuple[str, str, str], int] = {}
+        self.revocations = 0
         self.log = log
         self.hub = Hub(hub_config)
         self.config = config
@@ -79,7 +88,8 @@ class StreamService:
         # Bounded: a client paging a big snapshot holds one entry; old entries expire or are evicted.
         self._pages: OrderedDict[str, _Pages] = OrderedDict()
         self.batches = 0
-        self.resets: dict[str, int] = {}
+        self.resets: dict[str, int] = {}  # resumes that could not replay, by reason
+        self.replays = 0  # resumes answered by replay from the ring
         self._row_types: dict[str, Any] = {}
 
     @property
@@ -91,6 +101,10 @@ class StreamService:
     def apply(self, batch: ChangeBatch) -> None:
         self.batches += 1
         hub = self.hub
+        if self.access is not None:
+            access_changes = [c for c in batch.changes if c.table in self._access_tables]
+            if access_changes or batch.cause == "initial":
+                self._apply_access(access_changes, initial=batch.cause == "initial")
         if batch.schema is not None:
             changed = self._row_types_changed(batch.schema)
             if changed:
@@ -98,6 +112,36 @@ class StreamService:
                 return
         for ev in self.projector.apply(batch.changes):
             hub.publish(ev.partition, ev.frame)
+
+    def _apply_access(self, changes: list[RowChange], *, initial: bool) -> None:
+        """Update rights, record grant boundaries, and revoke streams that lost their right."""
+        access = self.access
+        assert access is not None
+        touched = access.apply(changes)
+        access.loaded = True
+        if initial:
+            return
+        for subject, tenant in touched:
+            perms = access.permissions(subject, tenant)
+            for stream in self.streams.values():
+                key = (subject, tenant, stream.name)
+                if stream.permission in perms:
+                    if key not in self.grant_seq:
+                        # The right appears now: nothing from before this point may be replayed.
+                        self.grant_seq[key] = self.log.partition((stream.name, tenant)).seq
+                else:
+                    self.grant_seq.pop(key, None)
+                    for sub in tuple(self.hub.partitions.get((stream.name, tenant), ())):
+                        if sub.principal == subject:
+                            self.revocations += 1
+                            sub.push(
+                                self.revoked_frame(f"{subject} may no longer read {stream.name} in {tenant}")
+                            )
+                            sub.finish("revoked")
+
+    @staticmethod
+    def revoked_frame(reason: str) -> bytes:
+        return sse.json_frame(_json.encode({"event": "revoked", "reason": reason}), event="revoked")
 
     def _row_types_changed(self, schema: ModuleSchema) -> set[str]:
         """Streamed tables whose row type differs from the one their rows were decoded with."""
@@ -129,6 +173,8 @@ class StreamService:
         stream = self.streams.get(name)
         if stream is None:
             raise StreamError(404, "unknown_stream", f"no stream named {name!r}")
+        if self.access is not None:
+            return stream, self._authorize_from_tables(principal, stream, tenant)
         if not principal.can(stream.permission):
             raise StreamError(
                 403, "forbidden", f"reading {name!r} needs the {stream.permission!r} permission"
@@ -139,6 +185,27 @@ class StreamService:
         if tenant != principal.tenant:
             raise StreamError(403, "forbidden", "the credential does not cover that tenant")
         return stream, tenant
+
+    def _authorize_from_tables(self, principal: Principal, stream: StreamDef, tenant: str | None) -> str:
+        access = self.access
+        assert access is not None
+        if not access.loaded:
+            raise StreamError(503, "not_ready", "access rules are not loaded yet; retry shortly")
+        if tenant is None:
+            tenant = principal.tenant
+        if tenant is None:
+            tenants = access.tenants(principal.subject)
+            if not tenants:
+                raise StreamError(403, "forbidden", f"{principal.subject} is not a member of any tenant")
+            if len(tenants) > 1:
+                raise StreamError(400, "tenant_required", "name the tenant with ?tenant_id=")
+            tenant = tenants[0]
+        if not access.can(principal.subject, tenant, stream.permission):
+            raise StreamError(403, "forbidden", f"no {stream.permission!r} right in tenant {tenant!r}")
+        return tenant
+
+    def replay_floor(self, principal: Principal, stream: str, tenant: str) -> int:
+        return self.grant_seq.get((principal.subject, tenant, stream), 0)
 
     def check_capacity(self, principal: Principal) -> None:
         if not self.hub.can_subscribe(principal.subject):
@@ -206,8 +273,9 @@ class StreamService:
             sub.push(head)
         sub.push(self.retry_frame())
         if cursor:
-            res = self.log.resume(key, cursor)
+            res = self.log.resume(key, cursor, floor=self.replay_floor(principal, stream.name, tenant))
             if isinstance(res, Replay):
+                self.replays += 1
                 for f in res.frames:
                     sub.push(f)
                 return sub
