@@ -496,11 +496,21 @@ def run_peer_cli(host: str, port: int, module_name: str) -> int:
             sys.stdout.write(f"peer: {peer.base_url}/\n")
             sys.stdout.flush()
 
+    interrupted = False
+    bind_error: OSError | None = None
     try:
         trio.run(main)
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        sys.stderr.write(f"gatewayd peer: cannot listen on {host}:{port}: {exc}\n")
+    except* KeyboardInterrupt:
+        interrupted = True
+    except* OSError as group:
+        bind_error = next(e for e in _leaves(group) if isinstance(e, OSError))
+    if bind_error is not None and not interrupted:
+        sys.stderr.write(f"gatewayd peer: cannot listen on {host}:{port}: {bind_error}\n")
         return 1
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

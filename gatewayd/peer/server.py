@@ -310,6 +310,8 @@ class HttpFront:
             return self._sql(req, claims, db)
         if len(rest) == 2 and rest[0] == "call" and req.method == "POST":
             return self._call(req, claims, db, rest[1])
+        if rest == ["subscribe"]:
+            return Response.text(400, "Connection header did not include 'upgrade'")
         return Response.text(404, "Not Found")
 
     def _with_connection(self, db: PeerDatabase, claims: Claims) -> tuple[Caller, Response | None]:

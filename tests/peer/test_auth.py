@@ -31,6 +31,7 @@ class OidcIssuer:
         self.jwks: list[dict[str, Any]] = []
         self.discovery_hits: list[str] = []
         self.jwks_hits = 0
+        self.down = False  # answer 503 to everything
 
     @property
     def url(self) -> str:
@@ -94,7 +95,9 @@ class OidcIssuer:
                 if not isinstance(ev, h11.Request):
                     return
                 path = ev.target.decode()
-                if path.endswith("/.well-known/openid-configuration"):
+                if self.down:
+                    body, status = b"down", 503
+                elif path.endswith("/.well-known/openid-configuration"):
                     self.discovery_hits.append(path)
                     body = json.dumps({"issuer": self.url, "jwks_uri": f"{self.url}/jwks.json"}).encode()
                     status = 200
@@ -311,3 +314,17 @@ async def test_websocket_token_from_a_foreign_token_keeps_its_claims(
         assert c.initial is not None
         assert c.initial.token == short
     assert len(issuer.discovery_hits) == hits
+
+
+async def test_a_failed_refresh_keeps_the_old_keys_until_they_expire(issuer: OidcIssuer) -> None:
+    async with open_peer("demo", jwks_refresh_s=0.2, jwks_expiry_s=0.8) as p:
+        assert (await upgrade_status(p, issuer.token("a")))[0] == 200
+        issuer.down = True
+        await trio.sleep(0.3)  # past the refresh period: the refresh fails, the old keys serve
+        assert (await upgrade_status(p, issuer.token("a")))[0] == 200
+        assert len(issuer.discovery_hits) == 1
+        await trio.sleep(0.6)  # past the expiry: no keys at all
+        status, text = await upgrade_status(p, issuer.token("a"))
+        assert status == 401
+        assert "Error fetching public key" in text
+        assert "503" in text

@@ -296,6 +296,8 @@ async def test_upgrade_errors_before_the_101(peer: Peer, http: httpx.AsyncClient
     assert "all-zeros" in r.text
     r = await http.get("/v1/database/demo/subscribe", params={"compression": "gzip"}, headers=ws_headers)
     assert r.status_code == 400  # the enum names are case-sensitive
+    r = await http.get("/v1/database/demo/subscribe")  # no upgrade headers at all
+    assert r.status_code == 400
     r = await http.get("/v1/database/demo/subscribe", headers={**ws_headers, "Authorization": "Basic abc"})
     assert r.status_code == 400
     assert r.text == "Authorization is invalid: malformed token"
