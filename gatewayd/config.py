@@ -122,6 +122,22 @@ class ReducerConfig(_Strict, frozen=True):
     # Arguments gatewayd fills from the verified principal; a client sending them is refused.
     actor_argument: str | None = None
     tenant_argument: str | None = None
+    # "delegated": the service connection calls, the actor travels in actor_argument.
+    # "user" / "hybrid": the caller's own connection (the module sees the user as ctx.sender);
+    # hybrid is the default deployment: the service connection holds the subscriptions.
+    attribution: Literal["delegated", "user", "hybrid"] = "delegated"
+
+
+class WritesConfig(_Strict, frozen=True):
+    idempotency_window_s: float = 600.0
+    idempotency_max_count: int = 10_000
+    rate_per_principal_per_s: float = 20.0
+    burst_per_principal_count: int = 40
+    rate_per_tenant_per_s: float = 200.0
+    burst_per_tenant_count: int = 400
+    # Per-user upstream connections (user/hybrid attribution): LRU-bounded, closed when idle.
+    user_connections_count: int = 256
+    user_connection_idle_s: float = 300.0
 
 
 class AccessConfig(_Strict, frozen=True):
@@ -171,6 +187,7 @@ class Config(_Strict, frozen=True):
     streams: list[StreamConfig] = msgspec.field(default_factory=list)
     reducers: list[ReducerConfig] = msgspec.field(default_factory=list)
     access: AccessConfig = msgspec.field(default_factory=AccessConfig)
+    writes: WritesConfig = msgspec.field(default_factory=WritesConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     canary: CanaryConfig | None = None
 

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,9 @@ from gatewayd.config import parse_config
 from gatewayd.errors import GatewayError
 from gatewayd.main import Gateway, build_gateway, run_command, serve_gateway, setup_logging
 from gatewayd.proto.identity import identity_hex
-from gatewayd.services.supervisor import UpstreamState, static_token
+from gatewayd.proto.tokens import Principal
+from gatewayd.services.notify import SystemdNotifier
+from gatewayd.services.supervisor import Credential, UpstreamState, static_token
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ DEMO_USERS: Final = {
     "carol": ("user:carol", "globex", ALL_DOC_SCOPES),
 }
 WRITER_INTERVAL_S: Final = 3.0
+DEMO_CANARY: Final = {"reducer": "bump_canary", "table": "canary", "name": "gateway", "interval_s": 2.0,
+                      "bound_s": 8.0, "call_timeout_s": 2.0}  # fmt: skip
 
 
 class DemoIssuer:
@@ -183,6 +187,7 @@ async def open_dev_stack(
     shutdown: trio.Event | None = None,
     shutdown_grace_s: float = 2.0,
     peer_settings: dict[str, Any] | None = None,
+    notifier: SystemdNotifier | None = None,
 ) -> AsyncIterator[DevStack]:
     """Start peer + gateway; ``module`` defaults to the demo module with gatewayd's service
     identity registered. ``config`` is merged over the demo config (lists replace)."""
@@ -198,14 +203,31 @@ async def open_dev_stack(
             module = make_demo_module(DemoConfig(service_identities=frozenset({service_identity()})))
         async with open_peer(module, port=0, auth=peer_auth, **(peer_settings or {})) as peer:
             doc = _merge(demo_config(peer.base_url, port, issuer.jwks_path), config or {})
-            gateway = build_gateway(parse_config(doc), token_source=static_token(service_token))
+            gateway = build_gateway(
+                parse_config(doc),
+                token_source=static_token(service_token),
+                user_minter=peer_user_minter(peer_auth),
+            )
             async with trio.open_nursery() as nursery:
-                bound = await nursery.start(partial_serve(gateway, shutdown, shutdown_grace_s))
+                bound = await nursery.start(partial_serve(gateway, shutdown, shutdown_grace_s, notifier))
                 host, gport = bound[0]
                 try:
                     yield DevStack(gateway, peer, issuer, f"http://{host}:{gport}/")
                 finally:
                     shutdown.set()
+
+
+USER_ISSUER: Final = "gatewayd-demo-users"
+
+
+def peer_user_minter(peer_auth: Any) -> Callable[[Principal], Awaitable[Credential]]:
+    """Tokens for per-user connections, signed with the dev peer's own key (which it always
+    accepts). A stand-in for the token broker, for the demo and tests only."""
+
+    async def mint(principal: Principal) -> Credential:
+        return Credential(peer_auth.mint(principal.subject, issuer=USER_ISSUER), None)
+
+    return mint
 
 
 def service_identity() -> str:
@@ -220,7 +242,8 @@ async def serve_demo(
     out: Callable[[str], None],
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with open_dev_stack(port=port, shutdown=shutdown) as stack:
+    # The demo runs the readiness canary (the demo module's bump_canary), as production should.
+    async with open_dev_stack(port=port, shutdown=shutdown, config={"canary": DEMO_CANARY}) as stack:
         gateway = stack.gateway
         gateway.demo_page = True
         gateway.demo_login = lambda: {u: stack.issuer.mint(u) for u in DEMO_USERS}
@@ -238,9 +261,13 @@ async def serve_demo(
             writers.cancel_scope.cancel()
 
 
-def partial_serve(gateway: Gateway, shutdown: trio.Event, grace_s: float) -> Any:
+def partial_serve(
+    gateway: Gateway, shutdown: trio.Event, grace_s: float, notifier: SystemdNotifier | None = None
+) -> Any:
     async def run(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
-        await serve_gateway(gateway, shutdown=shutdown, shutdown_grace_s=grace_s, task_status=task_status)
+        await serve_gateway(
+            gateway, shutdown=shutdown, shutdown_grace_s=grace_s, notifier=notifier, task_status=task_status
+        )
 
     return run
 

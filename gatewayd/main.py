@@ -51,6 +51,8 @@ from gatewayd.services.supervisor import (
     UpstreamSupervisor,
     static_token,
 )
+from gatewayd.services.userpool import UserConnectionPool, UserPoolConfig, UserTokenMinter
+from gatewayd.services.writes import ReducerSpec, WritesConfig, WriteService
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class Gateway:
     canary: Canary | None = None  # /readyz's proof that updates flow ([canary] in the config)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     front: Front | None = None  # set by serve_gateway (connection metrics)
+    writes: WriteService | None = None
+    users: UserConnectionPool | None = None  # per-user upstream connections (user attribution)
 
     def authenticate(self, token: str) -> Principal:
         return self.verifier.verify(token, now=time.time())
@@ -103,6 +107,7 @@ def build_gateway(
     base: Path = Path("."),
     token_source: TokenSource | None = None,
     verifier: Verifier | None = None,
+    user_minter: UserTokenMinter | None = None,
 ) -> Gateway:
     u = config.upstream
     if token_source is None:
@@ -171,7 +176,46 @@ def build_gateway(
         token_source=token_source,
         config=sup_cfg,
     )
+    users = None
+    if user_minter is not None:
+        users = UserConnectionPool(
+            target=supervisor.target,
+            schema=lambda: supervisor.schema,
+            minter=user_minter,
+            config=UserPoolConfig(
+                max_sessions=config.writes.user_connections_count,
+                idle_close_s=config.writes.user_connection_idle_s,
+                session=sup_cfg.session,
+            ),
+        )
+    w = config.writes
+    writes = WriteService(
+        {
+            r.name: ReducerSpec(
+                name=r.name,
+                permission=r.permission,
+                upstream=r.upstream or r.name,
+                attribution=r.attribution,
+                actor_argument=r.actor_argument,
+                tenant_argument=r.tenant_argument,
+            )
+            for r in config.reducers
+        },
+        supervisor=supervisor,
+        streams=service,
+        users=users,
+        config=WritesConfig(
+            idempotency_window_s=w.idempotency_window_s,
+            idempotency_max_count=w.idempotency_max_count,
+            rate_per_principal_per_s=w.rate_per_principal_per_s,
+            burst_per_principal=w.burst_per_principal_count,
+            rate_per_tenant_per_s=w.rate_per_tenant_per_s,
+            burst_per_tenant=w.burst_per_tenant_count,
+        ),
+    )
     return Gateway(
+        writes=writes,
+        users=users,
         config=config,
         supervisor=supervisor,
         streams=service,
@@ -213,6 +257,8 @@ async def serve_gateway(
     gateway.front = front
     async with trio.open_nursery() as services:
         services.start_soon(gateway.supervisor.serve, name="upstream-supervisor")
+        if gateway.users is not None:
+            await services.start(gateway.users.serve)
         await services.start(api.serve)
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accept:

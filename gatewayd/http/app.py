@@ -7,8 +7,8 @@ details and stack traces go to the log under the same correlation id, never to t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -18,13 +18,13 @@ import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from gatewayd.errors import EncodeError, OutcomeUnknownError, SchemaError, UpstreamUnavailableError
 from gatewayd.http.front import SSE_HEAD, bearer_or_cookie
-from gatewayd.proto import client as pc
 from gatewayd.proto.tokens import Principal, TokenInvalid
 from gatewayd.services.hub import iter_subscriber
+from gatewayd.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gatewayd.services.streams import StreamError
 from gatewayd.services.supervisor import UpstreamState
+from gatewayd.services.writes import WriteError
 
 if TYPE_CHECKING:
     from gatewayd.main import Gateway
@@ -128,8 +128,20 @@ def create_app(gateway: Gateway) -> QuartTrio:
         sup = gateway.supervisor
         sets = dict(sup.query_set_status)
         ready = sup.state is UpstreamState.LIVE and all(v == "applied" for v in sets.values())
-        doc = {"ready": ready, "upstream": sup.state.value, "query_sets": sets, "last_error": sup.last_error}
+        doc: dict[str, Any] = {
+            "ready": ready, "upstream": sup.state.value, "query_sets": sets, "last_error": sup.last_error
+        }  # fmt: skip
+        if gateway.canary is not None:  # connected and subscribed is not enough: updates must flow
+            status = gateway.canary.status()
+            doc["canary"] = dataclasses.asdict(status)
+            doc["ready"] = ready = ready and status.advancing
         return _json_response(doc, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        resp = Response(gateway.metrics.render(gateway), content_type=METRICS_CONTENT_TYPE)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
 
     @app.get("/v1/streams/<name>/snapshot")
     async def snapshot(name: str) -> Response:
@@ -170,65 +182,31 @@ def create_app(gateway: Gateway) -> QuartTrio:
     @app.post("/v1/reducers/<name>")
     async def call_reducer(name: str) -> Response:
         p = principal(allow_cookie=False)  # no cookies on writes: no CSRF surface
-        spec = gateway.reducers.get(name)
-        if spec is None:
-            raise ApiError(404, "unknown_reducer", f"no reducer named {name!r} is exposed")
-        if not p.can(spec.permission):
-            raise ApiError(403, "forbidden", f"calling {name!r} needs the {spec.permission!r} permission")
+        writes = gateway.writes
+        assert writes is not None
         raw = await request.get_data(cache=False)
         try:
             args = msgspec.json.decode(raw) if raw else {}
         except msgspec.DecodeError as exc:
             raise ApiError(400, "invalid_json", f"body is not JSON: {exc}") from None
-        if not isinstance(args, dict):
-            raise ApiError(400, "invalid_arguments", "the body must be a JSON object of arguments")
-        for filled, value in ((spec.actor_argument, p.subject), (spec.tenant_argument, p.tenant)):
-            if filled is None:
-                continue
-            if filled in args:
-                raise ApiError(
-                    400, "gateway_filled_argument", f"args.{filled} is filled by the gateway; do not send it"
-                )
-            if value is None:
-                raise ApiError(403, "no_tenant", "the credential names no tenant")
-            args[filled] = value
-        schema = gateway.supervisor.schema
-        if schema is None:
-            raise ApiError(
-                503, "upstream_unavailable", "the upstream schema is not known yet", {"Retry-After": "2"}
+        try:
+            result = await writes.call(
+                p,
+                name,
+                args,
+                idempotency_key=request.headers.get("Idempotency-Key"),
+                tenant=request.args.get("tenant_id"),
             )
-        upstream = spec.upstream or spec.name
-        try:
-            reducer = schema.reducer(upstream)
-            encoded = schema.codec.encode(reducer.params, args, path="args")
-        except SchemaError:
-            raise ApiError(502, "reducer_missing", f"the database has no reducer {upstream!r}") from None
-        except EncodeError as exc:
-            raise ApiError(400, "invalid_arguments", str(exc)) from None
-        started = time.monotonic()
-        try:
-            outcome = await gateway.supervisor.call_reducer(upstream, encoded)
-        except UpstreamUnavailableError:
-            raise ApiError(
-                503,
-                "upstream_unavailable",
-                "the database is not reachable; the call was not sent",
-                {"Retry-After": "2"},
-            ) from None
-        except OutcomeUnknownError:
-            raise ApiError(
-                504,
-                "outcome_unknown",
-                "the link to the database dropped before the result; it may or may not have been applied",
-            ) from None
-        ms = round((time.monotonic() - started) * 1000, 1)
-        if isinstance(outcome, pc.ReducerCommitted):
-            return _json_response({"status": "committed", "reducer": name, "duration_ms": ms})
-        if isinstance(outcome, pc.ReducerFailed):
-            raise ApiError(422, "reducer_failed", outcome.message)
-        assert isinstance(outcome, pc.ReducerInternalError)
-        logger.warning("reducer %s internal error: %s", upstream, outcome.message)
-        raise ApiError(502, "reducer_internal_error", "the database could not run the reducer")
+        except WriteError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
+        if "error" in result.body:
+            err = result.body["error"]
+            resp = _error_response(result.status, err["code"], err["message"])
+        else:
+            resp = _json_response(result.body, result.status)
+        if result.replayed:
+            resp.headers["Idempotent-Replayed"] = "true"
+        return resp
 
     # The demo routes exist only while gateway.demo_page is set; it is read per request, since
     # `gatewayd demo` may set it after this app was built.

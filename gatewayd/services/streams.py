@@ -91,6 +91,8 @@ class StreamService:
         self.resets: dict[str, int] = {}  # resumes that could not replay, by reason
         self.replays = 0  # resumes answered by replay from the ring
         self._row_types: dict[str, Any] = {}
+        # Bounded: entries are taken by the writer right away; stragglers age out.
+        self._write_cursors: OrderedDict[int, tuple[list[RowChange], dict[str, str]]] = OrderedDict()
 
     @property
     def streams(self) -> dict[str, StreamDef]:
@@ -110,8 +112,24 @@ class StreamService:
             if changed:
                 self._restart(changed, batch)
                 return
-        for ev in self.projector.apply(batch.changes):
+        published = self.projector.apply(batch.changes)
+        for ev in published:
             hub.publish(ev.partition, ev.frame)
+        if batch.cause == "reducer" and published:
+            # The write's caller asks for these right after its result (same sync step upstream).
+            cursors: dict[str, str] = {}
+            for ev in published:
+                cursors[f"{ev.partition[0]}/{ev.partition[1]}"] = ev.id
+            self._write_cursors[id(batch.changes)] = (batch.changes, cursors)
+            while len(self._write_cursors) > 1024:
+                self._write_cursors.popitem(last=False)
+
+    def take_write_cursors(self, changes: list[RowChange]) -> dict[str, str]:
+        """The last event id per ``stream/tenant`` partition produced by a committed write."""
+        entry = self._write_cursors.pop(id(changes), None)
+        if entry is None or entry[0] is not changes:
+            return {}
+        return entry[1]
 
     def _apply_access(self, changes: list[RowChange], *, initial: bool) -> None:
         """Update rights, record grant boundaries, and revoke streams that lost their right."""
