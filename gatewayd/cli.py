@@ -44,6 +44,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from functools import partial
     from pathlib import Path
 
     import trio
@@ -59,9 +60,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"gatewayd: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
         return 2
     setup_logging(config.logging.level, config.logging.format)
+    import os
+
+    from gatewayd.reload import serve_reload_on_sighup
+    from gatewayd.services.notify import SystemdNotifier, notify_settings_from_env
+
+    notifier = SystemdNotifier(notify_settings_from_env(os.environ, os.getpid()))
 
     async def body(shutdown: trio.Event) -> None:
-        await serve_gateway(gateway, shutdown=shutdown)
+        async with trio.open_nursery() as nursery:  # SIGHUP -> reload (RELOADING=1 ... READY=1)
+            reload = partial(serve_reload_on_sighup, gateway, Path(args.config), notifier=notifier)
+            await nursery.start(reload)
+            await serve_gateway(gateway, shutdown=shutdown, notifier=notifier)
+            nursery.cancel_scope.cancel()
 
     failure = run_command(body)
     if failure is not None:

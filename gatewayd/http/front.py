@@ -176,14 +176,17 @@ class Front:
         self.accepting = True
         self.native_streams = 0
         self.handed_over = 0
+        self.open_connections = 0  # client connections currently open (metrics)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Per-connection entry point for ``trio.serve_listeners``. Never raises."""
+        self.open_connections += 1
         try:
             await self._handle(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
+            self.open_connections -= 1
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
 

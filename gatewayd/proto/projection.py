@@ -148,6 +148,16 @@ class Projector:
                     self.skipped += 1
         return out
 
+    def replace_stream(self, new: StreamDef) -> None:
+        """Swap a stream's definition for one with the same tables and tenant column (a reload
+        that changes its permission). Sync; partitions and their logs are untouched."""
+        old = self.streams[new.name]
+        if (old.tables, old.tenant_column) != (new.tables, new.tenant_column):
+            raise ValueError(f"stream {new.name!r}: tables or tenant column changed (needs a restart)")
+        self.streams[new.name] = new
+        for t in new.tables:
+            self._by_table[t] = [new if s.name == new.name else s for s in self._by_table[t]]
+
     def streams_of_tables(self, tables: Iterable[str]) -> set[str]:
         return {s.name for t in tables for s in self._by_table.get(t, ())}
 

@@ -35,13 +35,15 @@ States (observable through :attr:`UpstreamSupervisor.state` and ``on_state`` cal
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -52,6 +54,7 @@ import trio
 
 from gatewayd.errors import (
     DecodeError,
+    OutcomeUnknownError,
     SchemaError,
     SubscriptionFailedError,
     TokenRefreshError,
@@ -77,6 +80,13 @@ logger = logging.getLogger(__name__)
 
 # The schema document of a large module is a few hundred KiB; refuse anything absurd.
 MAX_SCHEMA_BYTES: Final = 8 * 1024 * 1024
+
+
+_OUTCOMES: Final[dict[type, str]] = {
+    pc.ReducerCommitted: "committed",
+    pc.ReducerFailed: "failed",
+    pc.ReducerInternalError: "internal_error",
+}
 
 
 class UpstreamState(enum.Enum):
@@ -261,6 +271,8 @@ class UpstreamSupervisor:
         self.reconnects = 0
         self.refreshes = 0
         self.decode_errors = 0
+        # (reducer, outcome) -> count: committed, failed, internal_error, unavailable, outcome_unknown.
+        self.call_outcomes: Counter[tuple[str, str]] = Counter()
         self.last_error: str | None = None
         self.last_delays: list[float] = []  # recent backoff delays (observability and tests)
 
@@ -327,6 +339,23 @@ class UpstreamSupervisor:
             f"(state {self.state.value}); the call was not sent"
         )
 
+    @contextlib.contextmanager
+    def _counting(self, name: str) -> Iterator[Callable[[pc.CallOutcome], None]]:
+        """Count a reducer call's outcome in :attr:`call_outcomes` (metrics)."""
+
+        def done(outcome: pc.CallOutcome) -> None:
+            kind = _OUTCOMES.get(type(outcome), type(outcome).__name__)
+            self.call_outcomes[(name, kind)] += 1
+
+        try:
+            yield done
+        except UpstreamUnavailableError:
+            self.call_outcomes[(name, "unavailable")] += 1
+            raise
+        except OutcomeUnknownError:
+            self.call_outcomes[(name, "outcome_unknown")] += 1
+            raise
+
     async def call_reducer(self, name: str, args: bytes) -> pc.CallOutcome:
         """Call a reducer with BSATN-encoded ``args`` on the active session.
 
@@ -334,15 +363,21 @@ class UpstreamSupervisor:
             UpstreamUnavailableError: no live session within ``call_wait_s`` (not sent).
             OutcomeUnknownError: the session died after the call may have been sent.
         """
-        session = await self._session_for_call()
-        return await session.call_reducer(name, args)
+        with self._counting(name) as done:
+            session = await self._session_for_call()
+            outcome = await session.call_reducer(name, args)
+            done(outcome)
+            return outcome
 
     async def call_reducer_json(self, name: str, args: Any) -> pc.CallOutcome:
         """Encode JSON-ready ``args`` against the reducer's parameters, then call it."""
-        session = await self._session_for_call()
-        reducer = session.schema.reducer(name)
-        encoded = session.schema.codec.encode(reducer.params, args, path="args")
-        return await session.call_reducer(name, encoded)
+        with self._counting(name) as done:
+            session = await self._session_for_call()
+            reducer = session.schema.reducer(name)
+            encoded = session.schema.codec.encode(reducer.params, args, path="args")
+            outcome = await session.call_reducer(name, encoded)
+            done(outcome)
+            return outcome
 
     async def call_procedure(self, name: str, args: bytes) -> pc.CallOutcome:
         session = await self._session_for_call()
