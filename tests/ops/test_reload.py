@@ -48,7 +48,7 @@ def toml(doc: dict[str, Any]) -> str:
     def table(prefix: str, d: dict[str, Any], header: str | None) -> None:
         if header:
             out.append(header)
-        subs = []
+        subs: list[tuple[str, str, Any]] = []
         for k, v in d.items():
             if isinstance(v, dict):
                 subs.append(("t", k, v))
