@@ -61,6 +61,13 @@ class HubConfig:
     max_streams_per_principal: int = 16
 
 
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # outside a trio run (sans-IO tests drive the hub synchronously)
+        return 0.0
+
+
 class Subscriber:
     """One SSE client. Created by :meth:`Hub.subscribe`; the caller runs its writer."""
 
@@ -92,7 +99,8 @@ class Subscriber:
         self.sending = False
         self.closed = False
         self.close_reason: str | None = None
-        self.last_write = trio.current_time()
+        # Set by the writer; None until it runs (the hub itself never needs a clock).
+        self.last_write = _now()
         self.wake = trio.Event()
         self._wait_scope: trio.CancelScope | None = None
         self.task_scope: trio.CancelScope | None = None
