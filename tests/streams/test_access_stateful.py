@@ -47,6 +47,10 @@ class Client:
         self.events: list[str] = []
 
 
+def _closed(c: Client) -> bool:
+    return c.closed
+
+
 class StreamsMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -230,7 +234,7 @@ class StreamsMachine(RuleBasedStateMachine):
             if c.closed:
                 continue
             self._read(c)
-            if c.closed:  # type: ignore[unreachable]  # _read may close it
+            if _closed(c):  # _read may have closed it
                 continue
             assert self._granted(c.user, c.tenant), "an open stream outlived its grant"
             if self.connected:
