@@ -73,7 +73,9 @@ async def test_official_sdk_flow(protocols: tuple[str, ...], compression: str) -
             "foreign-insert",
             "foreign-update",
             "unsubscribed",
+            "anonymous",
         ]
+        assert out["anonymousTenants"] == ["acme", "globex"]
         assert out["initialTitles"] == ["Quarterly plan", "Welcome to Acme"]
         assert "may not document.create in tenant globex" in out["reducerError"]
         assert out["foreignInsertEvent"] == "Transaction"

@@ -46,11 +46,11 @@ async function readStdin() {
 
 function connect(cfg, token, label) {
   return new Promise((resolve, reject) => {
-    const conn = DbConnection.builder()
-      .withUri(cfg.uri)
-      .withDatabaseName(cfg.database)
-      .withToken(token)
+    let builder = DbConnection.builder().withUri(cfg.uri).withDatabaseName(cfg.database);
+    if (token !== undefined) builder = builder.withToken(token);
+    const conn = builder
       .withCompression(cfg.compression)
+      .withConfirmedReads(true)
       .onConnect((c, identity, tok) => resolve({ conn: c, identity, token: tok }))
       .onConnectError((_ctx, err) => reject(new Error(`${label}: connect error: ${err}`)))
       .onDisconnect((_ctx, err) => {
@@ -152,9 +152,22 @@ expect(db.document.count() === 0n, 'the cache is empty after unsubscribing');
 expect(handle.isEnded(), 'the handle has ended');
 step('unsubscribed');
 
+// 8. an anonymous connection gets a fresh identity and token from the peer and can read
+const anon = await connect(cfg, undefined, 'anonymous');
+const anonId = anon.identity.toHexString();
+expect(/^c200[0-9a-f]{60}$/.test(anonId), `anonymous identity ${anonId}`);
+expect(typeof anon.token === 'string' && anon.token.split('.').length === 3, 'anonymous token is a JWT');
+await waitFor('anonymous SubscribeApplied', done => {
+  anon.conn.subscriptionBuilder().onApplied(() => done()).subscribe('SELECT * FROM tenant');
+});
+out.anonymousTenants = [...anon.conn.db.tenant.iter()].map(r => r.id).sort();
+out.anonymousIdentity = anonId;
+step('anonymous');
+
 closing = true;
 alice.conn.disconnect();
 bob.conn.disconnect();
+anon.conn.disconnect();
 clearTimeout(watchdog);
 process.stdout.write(JSON.stringify(out) + '\n');
 // undici keeps sockets alive for a moment; do not wait for them
