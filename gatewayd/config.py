@@ -20,6 +20,13 @@ from typing import Any, Literal
 
 import msgspec
 
+from gatewayd.authconfig import (
+    ApiKeysConfig,
+    BrokerConfig,
+    JwksClientConfig,
+    SessionCheckConfig,
+    auth_problems,
+)
 from gatewayd.errors import ConfigError
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -88,20 +95,37 @@ class EventLogConfig(_Strict, frozen=True):
 
 class IssuerConfig(_Strict, frozen=True):
     issuer: str
-    # The issuer's public keys: a JWKS file (local issuers, tests, the demo).
-    jwks_file: str
     audience: str
+    # The issuer's public keys, exactly one of: a JWKS file (local issuers, tests, the demo), a
+    # JWKS URL (Better Auth: <base>/api/auth/jwks), or an OIDC discovery document URL.
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    discovery_url: str | None = None
     algorithms: list[Literal["ES256", "RS256", "EdDSA"]] = msgspec.field(default_factory=lambda: ["ES256"])
     tenant_claim: str = "tenant_id"
     scope_claim: str = "scope"
     max_lifetime_s: int = 3600
     leeway_s: int = 30
+    # Prepended to sub (Better Auth's subjects are bare user ids: "user:").
+    subject_prefix: str = ""
+    # Scopes of a principal whose token carries none.
+    default_scopes: list[str] = msgspec.field(default_factory=list)
+    # JWKS cache (jwks_url / discovery_url): refresh age, unknown-kid refetch cooldown, and how
+    # long the last good set is kept while refreshes fail (then: fail closed).
+    jwks_refresh_s: float = 300.0
+    unknown_kid_cooldown_s: float = 30.0
+    stale_max_s: float = 3600.0
 
 
 class AuthConfig(_Strict, frozen=True):
     issuers: list[IssuerConfig] = msgspec.field(default_factory=list)
     # Longest accepted bearer token (checked before any parsing).
     max_token_bytes: int = 8192
+    jwks: JwksClientConfig = msgspec.field(default_factory=JwksClientConfig)
+    session: SessionCheckConfig | None = None
+    api_keys: ApiKeysConfig | None = None
+    # Open streams recheck their credential this often (a revoked session ends its streams).
+    recheck_s: float = 30.0
 
 
 class StreamConfig(_Strict, frozen=True):
@@ -190,6 +214,7 @@ class Config(_Strict, frozen=True):
     writes: WritesConfig = msgspec.field(default_factory=WritesConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     canary: CanaryConfig | None = None
+    broker: BrokerConfig | None = None
 
     def stream_queries(self, s: StreamConfig) -> list[str]:
         return list(s.queries) or [f"SELECT * FROM {t}" for t in s.tables]
@@ -261,14 +286,13 @@ def _problems(cfg: Config, base: Path) -> list[str]:
         where = f"auth.issuers[{i}]"
         if not iss.issuer:
             out.append(f"{where}.issuer: required")
-        if not (base / iss.jwks_file).is_file():
-            out.append(f"{where}.jwks_file: {iss.jwks_file} does not exist")
         if not iss.algorithms:
             out.append(f"{where}.algorithms: at least one")
         if not 0 <= iss.leeway_s <= 30:
             out.append(f"{where}.leeway_s: must be between 0 and 30")
         if iss.max_lifetime_s <= 0:
             out.append(f"{where}.max_lifetime_s: must be > 0")
+    out += auth_problems(cfg, base)
     if cfg.canary is not None:
         c = cfg.canary
         if not (_IDENT.fullmatch(c.reducer) and _IDENT.fullmatch(c.table) and _IDENT.fullmatch(c.key_column)):

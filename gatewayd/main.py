@@ -38,7 +38,9 @@ from gatewayd.proto import sse
 from gatewayd.proto.access import AccessIndex, AccessTables
 from gatewayd.proto.eventlog import EventLog
 from gatewayd.proto.projection import StreamDef
-from gatewayd.proto.tokens import IssuerKeys, Principal, Verifier, load_jwks
+from gatewayd.proto.tokens import Principal, Verifier
+from gatewayd.services.auth import Authenticator, Presented
+from gatewayd.services.broker import Broker
 from gatewayd.services.canary import Canary, make_canary
 from gatewayd.services.db_ws import SessionConfig, UpstreamTarget
 from gatewayd.services.hub import HubConfig
@@ -78,27 +80,26 @@ class Gateway:
     writes: WriteService | None = None
     users: UserConnectionPool | None = None  # per-user upstream connections (user attribution)
 
+    authenticator: Authenticator | None = None  # every inbound verifier (docs/auth.md)
+    broker: Broker | None = None  # gatewayd's own issuer for SpacetimeDB ([broker])
+
     def authenticate(self, token: str) -> Principal:
+        """A bearer JWT against the static keys only (diagnostics); requests go through
+        :meth:`authenticate_request`."""
         return self.verifier.verify(token, now=time.time())
+
+    async def authenticate_request(self, presented: Presented) -> Principal:
+        """A request's principal from its verified credentials (every configured verifier)."""
+        if self.authenticator is None:
+            self.authenticator = Authenticator(self.verifier)
+        self.authenticator.verifier = self.verifier  # a reload (SIGHUP) may have swapped it
+        return await self.authenticator.authenticate(presented)
 
 
 def build_verifier(config: Config, base: Path) -> Verifier:
-    issuers = []
-    for iss in config.auth.issuers:
-        doc = json.loads((base / iss.jwks_file).read_text())
-        issuers.append(
-            IssuerKeys(
-                issuer=iss.issuer,
-                keys=load_jwks(doc, iss.algorithms),
-                audience=iss.audience,
-                algorithms=frozenset(iss.algorithms),
-                tenant_claim=iss.tenant_claim,
-                scope_claim=iss.scope_claim,
-                max_lifetime_s=iss.max_lifetime_s,
-                leeway_s=iss.leeway_s,
-            )
-        )
-    return Verifier(issuers, max_token_bytes=config.auth.max_token_bytes)
+    from gatewayd.wiring import build_verifier as build
+
+    return build(config, base)
 
 
 def build_gateway(
@@ -106,10 +107,18 @@ def build_gateway(
     *,
     base: Path = Path("."),
     token_source: TokenSource | None = None,
+    broker_issuer: str | None = None,
     verifier: Verifier | None = None,
     user_minter: UserTokenMinter | None = None,
 ) -> Gateway:
     u = config.upstream
+    from gatewayd.wiring import build_authenticator, build_broker
+
+    verifier = verifier or build_verifier(config, base)
+    authenticator = build_authenticator(config, base, verifier=verifier)
+    broker = build_broker(config, base, issuer=broker_issuer)
+    if token_source is None and broker is not None:
+        token_source = broker.service_token  # the service connection's token comes from the broker
     if token_source is None:
         token_source = static_token(read_secret(file=u.token_file, env=u.token_env, base=base))
     streams = [
@@ -219,7 +228,9 @@ def build_gateway(
         config=config,
         supervisor=supervisor,
         streams=service,
-        verifier=verifier or build_verifier(config, base),
+        verifier=verifier,
+        authenticator=authenticator,
+        broker=broker,
         reducers={r.name: r for r in config.reducers},
         canary=canary,
     )
@@ -247,18 +258,26 @@ async def serve_gateway(
     api = ApiServer(app, hcfg)
     front = Front(
         streams=gateway.streams,
-        authenticate=gateway.authenticate,
+        authenticate=gateway.authenticate_request,
         api=api,
-        config=FrontConfig(max_head_bytes=cfg.http.max_head_bytes, head_timeout_s=cfg.http.head_timeout_s),
+        config=FrontConfig(
+            max_head_bytes=cfg.http.max_head_bytes,
+            head_timeout_s=cfg.http.head_timeout_s,
+            recheck_s=cfg.auth.recheck_s,
+        ),
     )
     listeners = await trio.open_tcp_listeners(cfg.http.port, host=cfg.http.host)
     bound = [(str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners]
     gateway.bound = bound
     gateway.front = front
+    if gateway.broker is not None:
+        gateway.broker.bind_issuer(*bound[0])  # only when no issuer is configured (development)
     async with trio.open_nursery() as services:
         services.start_soon(gateway.supervisor.serve, name="upstream-supervisor")
         if gateway.users is not None:
             await services.start(gateway.users.serve)
+        if gateway.broker is not None:
+            await services.start(gateway.broker.serve)  # key rotation and retirement
         await services.start(api.serve)
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accept:
@@ -296,6 +315,8 @@ async def serve_gateway(
             connections.cancel_scope.deadline = trio.current_time() + shutdown_grace_s
         logger.info("shutdown: connections closed; closing the upstream session")
         services.cancel_scope.cancel()
+    if gateway.authenticator is not None:
+        await gateway.authenticator.aclose()
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -18,8 +18,12 @@ import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from gatewayd.http.front import SSE_HEAD, bearer_or_cookie
-from gatewayd.proto.tokens import Principal, TokenInvalid
+from gatewayd.errors import AuthError
+from gatewayd.http.autherrors import auth_error_parts
+from gatewayd.http.front import SSE_HEAD
+from gatewayd.http.tokenroutes import register_token_routes
+from gatewayd.proto.tokens import Principal
+from gatewayd.services.auth import presented_from_headers
 from gatewayd.services.hub import iter_subscriber
 from gatewayd.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gatewayd.services.streams import StreamError
@@ -67,24 +71,17 @@ def create_app(gateway: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.http.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
 
-    def principal(*, allow_cookie: bool) -> Principal:
+    async def principal(*, allow_cookie: bool) -> Principal:
+        # Credentials come from headers only (never the query string or the body).
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        if not allow_cookie:
-            headers = [(k, v) for k, v in headers if k != b"cookie"]
-        token = bearer_or_cookie(headers)
-        if token is None:
-            raise ApiError(
-                401,
-                "missing_credentials",
-                "send Authorization: Bearer <token>",
-                {"WWW-Authenticate": "Bearer"},
-            )
+        presented = presented_from_headers(headers, source_ip=request.remote_addr, allow_cookie=allow_cookie)
         try:
-            return gateway.authenticate(token)
-        except TokenInvalid as exc:
-            raise ApiError(
-                401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-            ) from None
+            return await gateway.authenticate_request(presented)
+        except AuthError as exc:
+            status, code, message, hdrs = auth_error_parts(exc)
+            raise ApiError(status, code, message, hdrs) from None
+
+    register_token_routes(app, gateway, principal)
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
@@ -145,7 +142,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
 
     @app.get("/v1/streams/<name>/snapshot")
     async def snapshot(name: str) -> Response:
-        p = principal(allow_cookie=True)
+        p = await principal(allow_cookie=True)
         try:
             limit = int(request.args.get("limit", "1000"))
         except ValueError:
@@ -158,7 +155,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
     @app.get("/v1/streams/<name>")
     async def stream_fallback(name: str) -> Response:
         # Reached only on a kept-alive connection already owned by hypercorn (see http/front.py).
-        p = principal(allow_cookie=True)
+        p = await principal(allow_cookie=True)
         cursor = (
             request.headers.get("Last-Event-ID")
             or request.args.get("last_event_id")
@@ -181,7 +178,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
 
     @app.post("/v1/reducers/<name>")
     async def call_reducer(name: str) -> Response:
-        p = principal(allow_cookie=False)  # no cookies on writes: no CSRF surface
+        p = await principal(allow_cookie=False)  # no cookies on writes: no CSRF surface
         writes = gateway.writes
         assert writes is not None
         raw = await request.get_data(cache=False)

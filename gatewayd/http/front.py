@@ -27,8 +27,9 @@ import logging
 import re
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import h11
@@ -41,7 +42,10 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from gatewayd.proto.tokens import Principal, TokenInvalid
+from gatewayd.errors import AuthError
+from gatewayd.http.autherrors import auth_error_parts
+from gatewayd.proto.tokens import Principal
+from gatewayd.services.auth import Presented, presented_from_headers, watch_principal
 from gatewayd.services.hub import run_socket_writer
 from gatewayd.services.streams import StreamError, StreamService
 
@@ -61,7 +65,7 @@ SSE_HEAD: Final = (
 
 _json = msgspec.json.Encoder()
 
-Authenticate = Callable[[str], Principal]
+Authenticate = Callable[[Presented], Awaitable[Principal]]
 
 
 def bearer_or_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -158,6 +162,8 @@ class ApiServer:
 class FrontConfig:
     max_head_bytes: int = 16 * 1024
     head_timeout_s: float = 10.0
+    # An open stream rechecks its credential this often (a revoked session ends it).
+    recheck_s: float = 30.0
 
 
 class Front:
@@ -250,22 +256,12 @@ class Front:
             )
             return
         params = urllib.parse.parse_qs(query, keep_blank_values=False)
-        token = bearer_or_cookie(headers)
-        if token is None:
-            await self._respond_error(
-                stream,
-                401,
-                "missing_credentials",
-                "send Authorization: Bearer <token>",
-                ["WWW-Authenticate: Bearer"],
-            )
-            return
+        presented = presented_from_headers(headers, source_ip=_peer_ip(stream))
         try:
-            principal = self.authenticate(token)
-        except TokenInvalid as exc:
-            await self._respond_error(
-                stream, 401, exc.code, exc.message, ['WWW-Authenticate: Bearer error="invalid_token"']
-            )
+            principal = await self.authenticate(presented)
+        except AuthError as exc:
+            status, code, message, hdrs = auth_error_parts(exc)
+            await self._respond_error(stream, status, code, message, [f"{k}: {v}" for k, v in hdrs.items()])
             return
         cursor = None
         for k, v in headers:
@@ -286,7 +282,32 @@ class Front:
             await self._respond_error(stream, exc.status, exc.code, exc.message, extra)
             return
         logger.debug("stream %s opened for %s", sub, principal.subject)
-        await run_socket_writer(sub, stream)
+        async with trio.open_nursery() as stream_nursery:
+            # The credential is rechecked while the stream runs: revoked -> "revoked" event, end.
+            stream_nursery.start_soon(
+                partial(
+                    watch_principal,
+                    partial(self.authenticate, presented),
+                    principal,
+                    recheck_s=self.config.recheck_s,
+                    on_revoked=partial(_credential_revoked, sub),
+                ),
+                name=f"recheck[{sub.id}]",
+            )
+            await run_socket_writer(sub, stream)
+            stream_nursery.cancel_scope.cancel()
+
+
+def _peer_ip(stream: trio.SocketStream) -> str | None:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return None
+
+
+def _credential_revoked(sub: Any, reason: str) -> None:
+    sub.push(StreamService.revoked_frame(f"credential no longer valid ({reason})"))
+    sub.finish("revoked")
 
 
 def _one(params: dict[str, list[str]], name: str) -> str | None:

@@ -10,7 +10,8 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, Final, Literal, NoReturn, TypeAlias
+from urllib.parse import urlencode
 
 import trio
 
@@ -58,6 +59,11 @@ class PeerSettings:
     # Subprotocols the peer accepts, in its order of preference (upstream: v3, then v2; v1 is
     # refused by the peer). ("v2.bsatn.spacetimedb",) imitates a server without v3.
     protocols: tuple[str, ...] = ("v3.bsatn.spacetimedb", "v2.bsatn.spacetimedb")
+
+
+# Which connections a fault applies to: a connection id, an identity (or connection id) hex
+# string, a ConnectionInfo, or None for all of them.
+ConnectionSelector: TypeAlias = int | str | ConnectionInfo | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +128,6 @@ class Peer:
 
     def subscribe_url(self, database: str | None = None, **query: str) -> str:
         """``ws://…/v1/database/{db}/subscribe`` with optional query parameters."""
-        from urllib.parse import urlencode
-
         url = f"{self.ws_base_url}/v1/database/{self.database(database).name}/subscribe"
         return f"{url}?{urlencode(query)}" if query else url
 
@@ -192,9 +196,7 @@ class Peer:
 
     # --- fault injection -----------------------------------------------------------------------
 
-    Which = int | str | ConnectionInfo | None
-
-    def cut(self, connection: Which = None, *, reset: bool = False) -> int:
+    def cut(self, connection: ConnectionSelector = None, *, reset: bool = False) -> int:
         """Cut WebSocket connections abruptly: no close frame, the socket is just closed.
 
         Args:
@@ -222,14 +224,14 @@ class Peer:
             for c in list(self._conns):
                 nursery.start_soon(c.close, code, reason)
 
-    def stall(self, connection: Which = None) -> int:
+    def stall(self, connection: ConnectionSelector = None) -> int:
         """Freeze connections: no reads, writes, pings or idle timeout; the socket stays open."""
         conns = pick_connections(self._conns, connection)
         for c in conns:
             c.stall()
         return len(conns)
 
-    def unstall(self, connection: Which = None) -> int:
+    def unstall(self, connection: ConnectionSelector = None) -> int:
         conns = pick_connections(self._conns, connection)
         for c in conns:
             c.unstall()
@@ -264,7 +266,9 @@ class Peer:
         """Refuse every presented token with 401 (anonymous requests still get identities)."""
         self.faults.refuse_tokens = enabled
 
-    def mute(self, mode: MuteMode = "drop", *, delay_s: float = 0.0, connection: Which = None) -> None:
+    def mute(
+        self, mode: MuteMode = "drop", *, delay_s: float = 0.0, connection: ConnectionSelector = None
+    ) -> None:
         """Withhold TransactionUpdates while reducers keep getting their ReducerResults.
 
         Args:
@@ -279,14 +283,11 @@ class Peer:
             for c in pick_connections(self._conns, connection):
                 c.mute = mute
 
-    def unmute(self, connection: Which = None) -> None:
+    def unmute(self, connection: ConnectionSelector = None) -> None:
         """Stop muting; updates held by a ``hold`` mute are delivered in order."""
         if connection is None:
-            self.faults.mute = None
-            conns = [c for c in self._conns if c.mute is None]
-            for c in self._conns:
-                if c.mute is not None and c.mute.mode != "hold":
-                    c.mute = None
+            self.faults.mute = None  # per-connection mutes stay as they are
+            conns = list(self._conns)
         else:
             conns = pick_connections(self._conns, connection)
             for c in conns:
