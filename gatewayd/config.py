@@ -28,6 +28,7 @@ from gatewayd.authconfig import (
     auth_problems,
 )
 from gatewayd.errors import ConfigError
+from gatewayd.proto.access import AccessTables
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -164,24 +165,12 @@ class WritesConfig(_Strict, frozen=True):
     user_connection_idle_s: float = 300.0
 
 
-class AccessConfig(_Strict, frozen=True):
+class AccessConfig(AccessTables, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # "claims": rights come from the token's scope claim and tenant claim (simple deployments).
-    # "tables": rights come from the module's membership / role_permission / api_key_grant tables,
-    # projected live; streams are re-checked (and revoked) as those rows change.
+    # "tables": rights come from the module's membership / role_permission / api_key_grant tables
+    # (names and columns: the fields of AccessTables), projected live; streams are re-checked
+    # (and revoked) as those rows change.
     mode: Literal["claims", "tables"] = "claims"
-    membership_table: str = "membership"
-    membership_actor_column: str = "actor_id"
-    membership_tenant_column: str = "tenant_id"
-    membership_role_column: str = "role"
-    membership_version_column: str | None = "version"
-    role_permission_table: str = "role_permission"
-    role_column: str = "role"
-    permission_column: str = "permission"
-    api_key_grant_table: str | None = "api_key_grant"
-    grant_robot_column: str = "robot_actor_id"
-    grant_tenant_column: str = "tenant_id"
-    grant_scopes_column: str = "scopes"
-    grant_enabled_column: str = "enabled"
 
 
 class CanaryConfig(_Strict, frozen=True):

@@ -35,7 +35,7 @@ from gatewayd.config import Config, read_secret
 from gatewayd.http.front import ApiServer, Front, FrontConfig
 from gatewayd.proto import messages as m
 from gatewayd.proto import sse
-from gatewayd.proto.access import AccessIndex, AccessTables
+from gatewayd.proto.access import AccessIndex
 from gatewayd.proto.eventlog import EventLog
 from gatewayd.proto.projection import StreamDef
 from gatewayd.proto.tokens import Principal, Verifier
@@ -132,8 +132,7 @@ def build_gateway(
     )
     access = None
     if config.access.mode == "tables":
-        a = config.access
-        access = AccessIndex(AccessTables(**{f: getattr(a, f) for f in AccessTables.__dataclass_fields__}))
+        access = AccessIndex(config.access)
     service = StreamService(
         streams,
         log,

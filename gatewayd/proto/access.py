@@ -23,14 +23,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from gatewayd.proto.cache import RowChange
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AccessTables:
+class AccessTables(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Names of the access tables and their columns (the ``[access]`` config section)."""
+
     membership_table: str = "membership"
     membership_actor_column: str = "actor_id"
     membership_tenant_column: str = "tenant_id"

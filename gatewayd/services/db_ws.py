@@ -498,3 +498,27 @@ async def serve_db_session(
         err = UpstreamConnectError(f"{name}: connection ended during the handshake")
     if err is not None:
         raise err
+
+
+async def run_db_session(
+    *,
+    task_status: trio.TaskStatus[DbSession] = trio.TASK_STATUS_IGNORED,
+    **kwargs: Any,
+) -> None:
+    """:func:`serve_db_session` for owners that watch the session object: errors before
+    ``started`` propagate to ``nursery.start``; after it, they stay on ``session.error`` (and
+    ``session.closed`` is set), so a dying session never crashes the owner's nursery."""
+    started = False
+
+    class _Status:
+        def started(self, value: DbSession) -> None:
+            nonlocal started
+            started = True
+            task_status.started(value)
+
+    try:
+        await serve_db_session(task_status=_Status(), **kwargs)  # type: ignore[arg-type]
+    except UpstreamError as exc:
+        if not started:
+            raise
+        logger.debug("%s ended: %s", kwargs.get("name", "db"), exc)

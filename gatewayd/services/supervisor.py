@@ -73,7 +73,7 @@ from gatewayd.services.db_ws import (
     StreamOpener,
     UpstreamTarget,
     open_tcp_stream,
-    serve_db_session,
+    run_db_session,
 )
 
 logger = logging.getLogger(__name__)
@@ -426,33 +426,6 @@ class UpstreamSupervisor:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    async def _session_task(
-        self, cred: Credential, schema: ModuleSchema, *, task_status: trio.TaskStatus[DbSession]
-    ) -> None:
-        started = False
-
-        class _Status:
-            def started(self, value: DbSession) -> None:
-                nonlocal started
-                started = True
-                task_status.started(value)
-
-        try:
-            await serve_db_session(
-                target=self.target,
-                token=cred.token,
-                schema=schema,
-                listener=self._on_event,
-                config=self.config.session,
-                open_stream=self._open_stream,
-                name=self.name,
-                task_status=_Status(),  # type: ignore[arg-type]
-            )
-        except UpstreamError:
-            if not started:
-                raise
-            # After start, the session object carries the error; whoever waits on it reads it.
-
     async def _open_subscribed(self, nursery: trio.Nursery) -> tuple[DbSession, Credential]:
         """Fetch a token and the schema, open a session, subscribe every query set."""
         try:
@@ -462,7 +435,18 @@ class UpstreamSupervisor:
         except Exception as exc:
             raise TokenRefreshError(f"token source failed: {type(exc).__name__}: {exc}") from exc
         schema = await self._schema_source(cred.token)
-        session: DbSession = await nursery.start(self._session_task, cred, schema)
+        session: DbSession = await nursery.start(
+            partial(
+                run_db_session,
+                target=self.target,
+                token=cred.token,
+                schema=schema,
+                listener=self._on_event,
+                config=self.config.session,
+                open_stream=self._open_stream,
+                name=self.name,
+            )
+        )
         try:
             with trio.fail_after(self.config.swap_timeout_s):
                 async with trio.open_nursery() as subs:

@@ -14,11 +14,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 import trio
 
-from gatewayd.errors import UpstreamError, UpstreamUnavailableError
+from gatewayd.errors import UpstreamUnavailableError
 from gatewayd.proto import client as pc
 from gatewayd.proto.schema import ModuleSchema
 from gatewayd.proto.tokens import Principal
@@ -28,7 +29,7 @@ from gatewayd.services.db_ws import (
     StreamOpener,
     UpstreamTarget,
     open_tcp_stream,
-    serve_db_session,
+    run_db_session,
 )
 from gatewayd.services.supervisor import Credential
 
@@ -139,32 +140,18 @@ class UserConnectionPool:
         def ignore(_s: DbSession, _ev: pc.Event) -> None:
             return None  # no subscriptions: only call results, which the waiters take
 
-        async def run(task_status: trio.TaskStatus[DbSession]) -> None:
-            started = False
-
-            class _Status:
-                def started(self, value: DbSession) -> None:
-                    nonlocal started
-                    started = True
-                    task_status.started(value)
-
-            try:
-                await serve_db_session(
-                    target=self.target,
-                    token=cred.token,
-                    schema=schema,
-                    listener=ignore,
-                    config=self.config.session,
-                    open_stream=self._open_stream,
-                    name=f"user[{principal.subject}]",
-                    task_status=_Status(),  # type: ignore[arg-type]
-                )
-            except UpstreamError as exc:
-                if not started:
-                    raise
-                logger.info("user session for %s ended: %s", principal.subject, exc)
-
-        session: DbSession = await self._nursery.start(run)
+        session: DbSession = await self._nursery.start(
+            partial(
+                run_db_session,
+                target=self.target,
+                token=cred.token,
+                schema=schema,
+                listener=ignore,
+                config=self.config.session,
+                open_stream=self._open_stream,
+                name=f"user[{principal.subject}]",
+            )
+        )
         self.opened += 1
         return session
 
