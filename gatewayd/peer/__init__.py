@@ -37,13 +37,33 @@ Queues are bounded and never block the committing task: outgoing messages per co
 (16 Ki, overflow drops the connection as upstream does), incoming messages per connection (16 Ki,
 overflow closes with 1013 as upstream does).
 
-Public API::
+Public API (details on each object)::
 
-    async with open_peer("demo", port=0, ping_interval_s=15.0) as peer:
-        peer.base_url, peer.port, peer.db, peer.auth, peer.connections
-        peer.cut(), peer.cut_all(), peer.stall(), peer.stall_handshakes(),
-        peer.refuse_upgrades(5.0), peer.refuse_tokens(), peer.mute("hold"), peer.unmute(),
-        peer.delay_reducer("name", 1.0), peer.hotswap(...), await peer.restart(downtime_s=1.0)
+    async with open_peer("demo", port=0, ping_interval_s=15.0) as peer:   # or open_peer(my_module)
+        peer.base_url, peer.port, peer.subscribe_url(), peer.statistics()
+        peer.db / peer.database("demo")        # PeerDatabase: rows(), transact(), call_reducer(),
+                                               #   schema, hotswap(), identity
+        peer.auth                              # PeerAuth: issuer, public_key_pem, mint(), anonymous()
+        peer.connections                       # [ConnectionInfo]; await peer.wait_connection_count(n)
+        # faults (connection=None means all; else an id, an identity hex or a ConnectionInfo)
+        peer.cut(connection, reset=False); peer.cut_all()
+        peer.stall(connection); peer.unstall(connection)
+        peer.stall_handshakes(); peer.resume_handshakes()
+        peer.refuse_upgrades(duration_s, status=503); peer.accept_upgrades()
+        peer.refuse_tokens(True)
+        peer.mute("drop" | "hold" | "delay", delay_s=..., connection=None); peer.unmute()
+        peer.delay_reducer(name, delay_s, when="before" | "after")
+        peer.hotswap(table, columns, defaults=...)
+        await peer.disconnect_all(1001, "module exited")
+        await peer.stop(); await peer.start(); await peer.restart(downtime_s)
+
+    serve_peer_forever(host=..., port=..., module_name="demo")   # startable, for daemons
+    run_peer_cli(host, port, module_name) -> exit code          # ``gatewayd peer``
+
+Deliberate differences from SpacetimeDB: v1 subprotocols are refused (400); ``confirmed`` and
+``light`` are accepted and ignored (every commit is immediately durable, v2 has no light mode);
+``/schema`` serves version 9 only; the module API has no procedures, scheduled reducers, views
+or row-level security; joins are refused in subscriptions.
 """
 
 from gatewayd.peer.auth import Claims, PeerAuth, TokenRejected
