@@ -230,6 +230,8 @@ class PeerAuth:
                     "verify_nbf": False,
                     "verify_aud": False,
                     "verify_iss": False,
+                    "verify_sub": False,  # checked below, with upstream's rules
+                    "verify_jti": False,  # upstream ignores jti
                     "require": [],
                 },
             )

@@ -219,7 +219,7 @@ async def test_hs256_and_none_are_refused(fast_peer: Peer, issuer: OidcIssuer) -
         ({"sub": ""}, "Subject empty"),
         ({"hex_identity": "c200" + "0" * 60}, "Identity mismatch"),
         ({"exp": int(time.time()) - 120}, "ExpiredSignature"),
-        ({"sub": 5}, "ubject"),
+        ({"sub": 5}, "sub must be a string"),
     ],
 )
 async def test_claim_rules(fast_peer: Peer, issuer: OidcIssuer, claims: dict[str, Any], needle: str) -> None:
@@ -231,7 +231,14 @@ async def test_claim_rules(fast_peer: Peer, issuer: OidcIssuer, claims: dict[str
 
 async def test_claims_that_are_not_checked(fast_peer: Peer, issuer: OidcIssuer) -> None:
     now = int(time.time())
-    for extra in ({"exp": now - 30}, {"nbf": now + 3600}, {"aud": ["x", "y"]}, {"exp": None}):
+    for extra in (
+        {"exp": now - 30},
+        {"nbf": now + 3600},
+        {"iat": now + 3600},
+        {"aud": ["x", "y"]},
+        {"exp": None},
+        {"jti": 5},
+    ):
         status, text = await upgrade_status(fast_peer, issuer.token("a", **extra))
         assert status == 200, (extra, text)
     ok = issuer.token("a", hex_identity=identity_hex(issuer.url, "a"))
