@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gatewayd.errors import LocalProtocolError, UpstreamProtocolError
+from gatewayd.errors import DecodeError, LocalProtocolError, UpstreamProtocolError
 from gatewayd.proto import client as pc
 from gatewayd.proto import messages as m
 from gatewayd.proto.bsatn import Reader
@@ -89,7 +89,7 @@ def test_partial_v3_payload_keeps_the_events_before_a_bad_message() -> None:
             ),
         )
     )
-    with pytest.raises(Exception) as info:
+    with pytest.raises(DecodeError) as info:
         c.receive_payload(server(good, bad))
     partial = info.value.partial_events  # type: ignore[attr-defined]
     assert [type(e) for e in partial] == [pc.SubscriptionApplied]
