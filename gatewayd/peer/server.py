@@ -250,6 +250,10 @@ class HttpFront:
             return Response.text(404, "Not Found")
         except TokenRejected as exc:
             return Response.text(exc.status, exc.message)
+        except Exception:
+            # The per-request boundary: a bug answers 500 and is logged once; the peer goes on.
+            logger.exception("peer: %s %s failed", req.method, req.path)
+            return Response.text(500, "internal error in the dev peer (see its log)")
 
     async def _identity_routes(self, req: Request, rest: list[str]) -> Response:
         auth = self.peer.auth
