@@ -327,3 +327,27 @@ async def test_hotswap_with_changes_and_missing_default_is_refused(peer: Peer) -
     with pytest.raises(ValueError, match="needs a default"):
         peer.hotswap("document", columns)
     assert "must_fill" not in peer.db.schema.tables["document"].columns
+
+
+async def test_stop_and_start_with_writes_while_down(peer: Peer) -> None:
+    async with connect(peer) as c:
+        await c.subscribe(1, "SELECT * FROM canary")
+        await peer.stop()
+        assert (await c.closed())[0] == 1006
+    assert peer.connections == []
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream(peer.host, peer.port)
+    # the database lives on while the listener is down
+    peer.db.transact(
+        lambda db: db.canary.insert(
+            {"name": "while-down", "counter": 7, "updated_at": 0, "updated_by": "00" * 32}
+        )
+    )
+    await peer.start()
+    async with connect(peer) as again:
+        applied = await again.subscribe(1, "SELECT * FROM canary WHERE name = 'while-down'")
+        assert isinstance(applied, m.SubscribeApplied)
+        assert [r["counter"] for r in rows_of(again, applied.rows, "canary")] == [7]
+        assert peer.statistics().websocket_connections == 1
+    with trio.fail_after(WAIT_S):
+        await peer.wait_connection_count(0)
