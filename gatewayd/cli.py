@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gatewayd import __version__
 from gatewayd.proto.identity import claim_problems, identity_hex
+from gatewayd.tools.commands import Handler, add_token_commands, add_top_commands
 
 
 def _cmd_token_identity(args: argparse.Namespace) -> int:
@@ -100,6 +101,20 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tool(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """Run a diagnostics handler (gatewayd/tools/commands.py) and print its report."""
+
+    def run(args: argparse.Namespace) -> int:
+        report = handler(args)
+        for line in report.out:
+            print(line)
+        for line in report.err:
+            print(line, file=sys.stderr)
+        return report.code
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gatewayd",
@@ -122,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--subject", required=True, help="the token's sub claim, exactly")
     ident.add_argument("--json", action="store_true", help="print JSON with any claim problems")
     ident.set_defaults(func=_cmd_token_identity)
+    add_token_commands(token_sub, _tool)
 
     peer = sub.add_parser(
         "peer",
@@ -148,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and explain every problem")
     check.add_argument("file")
     check.set_defaults(func=_cmd_check_config)
+    add_top_commands(sub, _tool)
     return parser
 
 

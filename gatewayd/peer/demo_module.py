@@ -644,6 +644,25 @@ def make_demo_module(config: DemoConfig | None = None, *, name: str = "demo") ->
             ctx.db.impersonation_grant.update({**grant, "revoked": True})
             audit(ctx, grant["tenant_id"], "grant.revoke_impersonation", actor["id"], f"grant:{id}")
 
+    # --- identity migration --------------------------------------------------------------------
+
+    @mod.reducer(from_identity=IDENTITY, to_identity=IDENTITY, issuer=STRING)
+    def migrate_identity_link(ctx: ReducerContext, from_identity: str, to_identity: str, issuer: str) -> None:
+        """Service-only: link ``to_identity`` (a new issuer's identity) to the actor ``from_identity``
+        is linked to (``gatewayd identity plan-migration --apply``). Idempotent."""
+        if ctx.db.service_account.find(ctx.sender) is None:
+            raise ReducerError("only the gatewayd service may migrate identity links")
+        old = ctx.db.actor_identity_link.find(from_identity)
+        if old is None:
+            raise ReducerError(f"identity {from_identity} is not linked to any actor")
+        current = ctx.db.actor_identity_link.find(to_identity)
+        if current is not None:
+            if current["actor_id"] == old["actor_id"]:
+                return  # already linked to the same actor: nothing changes
+            raise ReducerError(f"identity {to_identity} is already linked to {current['actor_id']}")
+        link = {"identity": to_identity, "actor_id": old["actor_id"], "issuer": issuer}
+        ctx.db.actor_identity_link.insert({**link, "linked_at": ctx.timestamp})
+
     # --- canary --------------------------------------------------------------------------------
 
     @mod.reducer(name=STRING)

@@ -216,7 +216,9 @@ async def test_restart_only_changes_are_named_and_kept(
     cfg = tmp_path / "gatewayd.toml"
     async with open_dev_stack() as st:
         await live(st)
-        jwks = Path(st.gateway.config.auth.issuers[0].jwks_file)
+        jwks_file = st.gateway.config.auth.issuers[0].jwks_file
+        assert jwks_file is not None
+        jwks = Path(jwks_file)
         write_config(
             st,
             cfg,
