@@ -72,7 +72,8 @@ class BrokerConfig(_Strict, frozen=True):
     """The token broker: gatewayd's own issuer for SpacetimeDB."""
 
     # Canonical issuer URL, byte for byte (no trailing '/'); SpacetimeDB fetches
-    # <issuer>/.well-known/openid-configuration from it.
+    # <issuer>/.well-known/openid-configuration from it. Development only: "" takes
+    # http://<bound address> (the port may be 0 in config).
     issuer: str
     # The folder of the key ring (private keys, mode 0600).
     keys_dir: str
@@ -149,10 +150,11 @@ def auth_problems(cfg: Config, base: Path) -> list[str]:
             out.append("auth.api_keys: limits, window_s and threads_count must be > 0")
     b = cfg.broker
     if b is not None:
-        try:
-            check_issuer(b.issuer)
-        except ClaimError as exc:
-            out.append(f"broker.issuer: {exc}")
+        if b.issuer or b.profile == "production":
+            try:
+                check_issuer(b.issuer)
+            except ClaimError as exc:
+                out.append(f"broker.issuer: {exc}")
         if b.profile == "production" and issuer_is_local(b.issuer):
             out.append(
                 f"broker.issuer: {b.issuer!r} is a local or development issuer (localhost, loopback or "

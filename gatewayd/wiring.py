@@ -118,8 +118,12 @@ def build_authenticator(
         k = a.api_keys
         api_keys = ApiKeyService(
             api_key_store(config, base),
-            ApiKeyLimits(key_attempts=k.key_attempts_count, ip_failures=k.ip_failures_count,
-                         window_s=k.window_s, threads=k.threads_count),  # fmt: skip
+            ApiKeyLimits(
+                key_attempts=k.key_attempts_count,
+                ip_failures=k.ip_failures_count,
+                window_s=k.window_s,
+                threads=k.threads_count,
+            ),
             clock=clock,
             wall_clock=wall_clock,
         )
@@ -140,7 +144,7 @@ def build_broker(
         return None
     broker = Broker(
         BrokerSettings(
-            issuer=issuer or b.issuer,
+            issuer=issuer or b.issuer or None,
             audience=b.audience,
             algorithm=b.algorithm,
             token_lifetime_s=b.token_lifetime_s,

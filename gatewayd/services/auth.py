@@ -9,8 +9,8 @@ session cookies. Query strings and bodies never carry credentials. Then
    store (rate limited);
 2. a bearer that is a JWS (three segments) -> the JWT verifier with the issuer's keys (static
    JWKS file, or the JWKS cache: :mod:`gatewayd.services.jwks`);
-3. any other bearer -> session introspection when configured (Better Auth's bearer plugin takes
-   the session token as a bearer), else refused with the kind of credential named;
+3. any other bearer (not starting ``eyJ``) -> session introspection when configured (Better
+   Auth's bearer plugin takes the session token as a bearer), else refused with its kind named;
 4. the ``gatewayd_token`` cookie -> the JWT verifier;
 5. the app's session cookie -> session introspection.
 
@@ -153,7 +153,9 @@ class Authenticator:
                 raise TokenInvalid("API keys are not enabled on this gateway", code="invalid_token")
             return await self.api_keys.authenticate(api_key, source_ip=p.source_ip)
         if p.bearer is not None:
-            if p.bearer.count(".") != 2 and self.sessions is not None:
+            # A JWS (or a broken one: base64url of '{"' starts "eyJ") goes to the JWT verifier,
+            # whose diagnostics name what is wrong; anything else may be an app session token.
+            if p.bearer.count(".") != 2 and not p.bearer.startswith("eyJ") and self.sessions is not None:
                 return await self.sessions.introspect(bearer=p.bearer)
             return await self.verify_jwt(p.bearer)
         if p.token_cookie is not None:
