@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and explain every problem")
     check.add_argument("file")
     check.set_defaults(func=_cmd_check_config)
+
+    from gatewayd.authcli import register_auth_commands  # keys, apikey
+
+    register_auth_commands(sub)
     add_top_commands(sub, _tool)
     return parser
 
