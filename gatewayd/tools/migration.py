@@ -82,8 +82,12 @@ def plan_migration(from_issuer: str, to_issuer: str, subjects: Iterable[tuple[st
     seen: set[str] = set()
     for sub, new_sub in subjects:
         row = PlanRow(sub, new_sub, identity_hex(from_issuer, sub), identity_hex(to_issuer, new_sub))
-        row.problems += [f"old claims: {p}" for p in claim_problems(from_issuer, sub) if "iss" not in p]
-        row.problems += [f"new claims: {p}" for p in claim_problems(to_issuer, new_sub) if "iss" not in p]
+        row.problems += [
+            f"old claims: {p}" for p in claim_problems(from_issuer, sub) if not p.startswith("iss")
+        ]
+        row.problems += [
+            f"new claims: {p}" for p in claim_problems(to_issuer, new_sub) if not p.startswith("iss")
+        ]
         if sub in seen:
             row.problems.append("duplicate subject in the input")
         seen.add(sub)

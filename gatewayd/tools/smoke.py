@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import h11
 import httpx
 import trio
 
@@ -74,11 +76,79 @@ class Event:
     data: str
 
 
-class _EventReader:
-    """Incremental SSE parsing over an httpx streamed response (comments and retry skipped)."""
+class _SseConnection:
+    """A GET over its own connection with h11, read incrementally (no async generators: httpx's
+    nested ones cannot be closed deterministically when a stream is abandoned mid-way)."""
 
-    def __init__(self, resp: httpx.Response) -> None:
-        self._chunks = resp.aiter_bytes()
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+        self.status = 0
+
+    @classmethod
+    async def open(cls, url: str, headers: dict[str, str]) -> _SseConnection:
+        u = urllib.parse.urlsplit(url)
+        host = u.hostname or "127.0.0.1"
+        port = u.port or (443 if u.scheme == "https" else 80)
+        if u.scheme == "https":
+            stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+        self = cls(stream)
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        hdrs = [("Host", u.netloc), ("Connection", "close"), *headers.items()]
+        try:
+            await stream.send_all(
+                self.conn.send(h11.Request(method="GET", target=target, headers=hdrs)) or b""
+            )
+            await stream.send_all(self.conn.send(h11.EndOfMessage()) or b"")
+            while True:
+                ev = await self._event()
+                if isinstance(ev, h11.Response):
+                    self.status = ev.status_code
+                    return self
+                if ev is None:
+                    raise httpx.RemoteProtocolError("connection closed before a response")
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _event(self) -> Any:
+        while True:
+            ev = self.conn.next_event()
+            if ev is h11.NEED_DATA:
+                data = await self.stream.receive_some(65536)
+                self.conn.receive_data(bytes(data))
+                continue
+            if isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
+                return None
+            return ev
+
+    async def chunk(self) -> bytes | None:
+        """The next piece of the body, or None at its end."""
+        while True:
+            ev = await self._event()
+            if ev is None:
+                return None
+            if isinstance(ev, h11.Data):
+                return bytes(ev.data)
+
+    async def body(self) -> bytes:
+        out = b""
+        while (part := await self.chunk()) is not None:
+            out += part
+        return out
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1, shield=True):
+            await self.stream.aclose()
+
+
+class _EventReader:
+    """Incremental SSE parsing of a response body (comments and retry lines skipped)."""
+
+    def __init__(self, conn: _SseConnection) -> None:
+        self._conn = conn
         self._buf = b""
 
     async def next(self) -> Event | None:
@@ -92,9 +162,8 @@ class _EventReader:
                     ev = parsed[0]
                     return Event(ev["event"], ev["id"], ev["data"])
                 continue
-            try:
-                chunk = await self._chunks.__anext__()
-            except StopAsyncIteration:
+            chunk = await self._conn.chunk()
+            if chunk is None:
                 return None
             self._buf += chunk
 
@@ -175,13 +244,20 @@ class _Smoke:
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
-        params = {"tenant_id": self.s.tenant} if self.s.tenant else {}
+        query = f"?{urllib.parse.urlencode({'tenant_id': self.s.tenant})}" if self.s.tenant else ""
         url = f"{self.base}v1/streams/{self.s.stream}"
-        async with self.client.stream("GET", url, headers=headers, params=params) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
+        try:
+            conn = await _SseConnection.open(url + query, headers)
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+            raise StepFailed("stream", f"GET {url}: {type(exc).__name__}: {exc}") from None
+        try:
+            if conn.status != 200:
+                body = await conn.body()
+                resp = httpx.Response(conn.status, content=body)
                 raise StepFailed("stream", f"GET {url}: {_error_text(resp)}")
-            yield _EventReader(resp)
+            yield _EventReader(conn)
+        finally:
+            await conn.aclose()
 
     async def snapshot(self, reader: _EventReader) -> tuple[str, int]:
         rows = 0
