@@ -311,7 +311,12 @@ async def serve_gateway(
                     sub.push(gateway.streams.retry_frame() + bye)
             hub.finish_all(None, "shutdown")
             await api.context.terminated.set()
-            connections.cancel_scope.deadline = trio.current_time() + shutdown_grace_s
+            grace_end = trio.current_time() + shutdown_grace_s
+            connections.cancel_scope.deadline = grace_end
+            # Upstream calls still waiting just before the grace ends are answered "outcome
+            # unknown" (504) or "unavailable" (503), so no request is cut without a response.
+            abandon_at = grace_end - min(1.0, shutdown_grace_s / 4)
+            services.start_soon(gateway.supervisor.abandon_calls_at, abandon_at, name="abandon-calls")
         logger.info("shutdown: connections closed; closing the upstream session")
         services.cancel_scope.cancel()
     if gateway.authenticator is not None:

@@ -273,6 +273,8 @@ class UpstreamSupervisor:
         self.decode_errors = 0
         # (reducer, outcome) -> count: committed, failed, internal_error, unavailable, outcome_unknown.
         self.call_outcomes: Counter[tuple[str, str]] = Counter()
+        self._call_scopes: set[trio.CancelScope] = set()  # calls abandon_calls() may end
+        self._abandon_reason: str | None = None
         self.last_error: str | None = None
         self.last_delays: list[float] = []  # recent backoff delays (observability and tests)
 
@@ -356,6 +358,40 @@ class UpstreamSupervisor:
             self.call_outcomes[(name, "outcome_unknown")] += 1
             raise
 
+    @contextlib.contextmanager
+    def _abandonable(self, sent: bool) -> Iterator[None]:
+        """A call that :meth:`abandon_calls` may end early: it then raises OutcomeUnknownError
+        (``sent``) or UpstreamUnavailableError (still waiting for a session: never sent)."""
+        scope = trio.CancelScope()
+        self._call_scopes.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._call_scopes.discard(scope)
+        if scope.cancelled_caught:
+            reason = self._abandon_reason or "abandoned"
+            if sent:
+                raise OutcomeUnknownError(
+                    f"{self.name}: {reason} before the result arrived; it may have applied"
+                )
+            raise UpstreamUnavailableError(f"{self.name}: {reason}; the call was not sent")
+
+    def abandon_calls(self, reason: str) -> int:
+        """End every call still waiting (shutdown: answer them rather than cut them). Sync."""
+        self._abandon_reason = reason
+        scopes = tuple(self._call_scopes)
+        for scope in scopes:
+            scope.cancel()
+        if scopes:
+            logger.warning("%s: %d calls still in flight: %s", self.name, len(scopes), reason)
+        return len(scopes)
+
+    async def abandon_calls_at(self, deadline: float) -> None:
+        """At trio time ``deadline``, :meth:`abandon_calls` (started when shutdown begins)."""
+        await trio.sleep_until(deadline)
+        self.abandon_calls("gateway shutting down")
+
     async def call_reducer(self, name: str, args: bytes) -> pc.CallOutcome:
         """Call a reducer with BSATN-encoded ``args`` on the active session.
 
@@ -364,18 +400,22 @@ class UpstreamSupervisor:
             OutcomeUnknownError: the session died after the call may have been sent.
         """
         with self._counting(name) as done:
-            session = await self._session_for_call()
-            outcome = await session.call_reducer(name, args)
+            with self._abandonable(sent=False):
+                session = await self._session_for_call()
+            with self._abandonable(sent=True):
+                outcome = await session.call_reducer(name, args)
             done(outcome)
             return outcome
 
     async def call_reducer_json(self, name: str, args: Any) -> pc.CallOutcome:
         """Encode JSON-ready ``args`` against the reducer's parameters, then call it."""
         with self._counting(name) as done:
-            session = await self._session_for_call()
+            with self._abandonable(sent=False):
+                session = await self._session_for_call()
             reducer = session.schema.reducer(name)
             encoded = session.schema.codec.encode(reducer.params, args, path="args")
-            outcome = await session.call_reducer(name, encoded)
+            with self._abandonable(sent=True):
+                outcome = await session.call_reducer(name, encoded)
             done(outcome)
             return outcome
 
