@@ -47,7 +47,9 @@ def verify(capsys: pytest.CaptureFixture[str], token: str, jwks: Path | str, *ex
 # --- decode ------------------------------------------------------------------------------------
 
 
-def test_decode_shows_header_claims_times_and_identity(kit: IssuerKit, capsys: pytest.CaptureFixture[str]) -> None:
+def test_decode_shows_header_claims_times_and_identity(
+    kit: IssuerKit, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, out, _ = run(capsys, "token", "decode", kit.token())
     assert rc == 0, out
     assert '"alg": "ES256"' in out and '"kid": "k-es"' in out
@@ -104,7 +106,9 @@ def test_decode_json_output(kit: IssuerKit, capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize("kid", ["k-es", "k-ed", "k-rs"])
-def test_verify_accepts_a_good_token(kit: IssuerKit, jwks_file: Path, kid: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_accepts_a_good_token(
+    kit: IssuerKit, jwks_file: Path, kid: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, out = verify(capsys, kit.token(kid=kid), jwks_file)
     assert rc == 0, out
     assert out.strip().splitlines()[-1] == "verdict: VALID"
@@ -137,7 +141,9 @@ def test_verify_row13_random_kids_are_all_rejected_without_fetching(
     assert len(calls) == 20  # one fetch per invocation: never a refetch per kid
 
 
-def test_verify_names_every_failed_check(kit: IssuerKit, jwks_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_names_every_failed_check(
+    kit: IssuerKit, jwks_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     now = int(time.time())
     tok = kit.token(iss="https://other.example", aud="someone", iat=now - 900, exp=now - 600, sub="")
     rc, out = verify(capsys, tok, jwks_file)
@@ -148,7 +154,9 @@ def test_verify_names_every_failed_check(kit: IssuerKit, jwks_file: Path, capsys
     assert "ok   signature" in out  # the signature itself is fine
 
 
-def test_verify_lifetime_and_leeway(kit: IssuerKit, jwks_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_lifetime_and_leeway(
+    kit: IssuerKit, jwks_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     now = int(time.time())
     tok = kit.token(iat=now, exp=now + 7200)
     rc, out = verify(capsys, tok, jwks_file, "--max-lifetime-s", "3600")
@@ -172,7 +180,9 @@ def test_verify_jwks_from_url(kit: IssuerKit, capsys: pytest.CaptureFixture[str]
     assert calls == ["/jwks.json"]
 
 
-def test_verify_unreadable_jwks_is_an_input_error(kit: IssuerKit, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_unreadable_jwks_is_an_input_error(
+    kit: IssuerKit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, _, err = run(capsys, "token", "verify", kit.token(), "--jwks", str(tmp_path / "absent.json"))
     assert rc == 2 and "cannot load the JWKS" in err
 
@@ -185,7 +195,9 @@ def stdb() -> IssuerKit:
     return IssuerKit(issuer="https://gateway.example.test", audience="spacetimedb")
 
 
-def verify_stdb(capsys: pytest.CaptureFixture[str], kit: IssuerKit, token: str, jwks: dict[str, Any], tmp: Path) -> tuple[int, str]:
+def verify_stdb(
+    capsys: pytest.CaptureFixture[str], kit: IssuerKit, token: str, jwks: dict[str, Any], tmp: Path
+) -> tuple[int, str]:
     p = tmp / "stdb-jwks.json"
     p.write_text(json.dumps(jwks))
     rc, out, _ = run(capsys, "token", "verify", token, "--jwks", str(p), "--issuer", kit.issuer,
@@ -193,7 +205,9 @@ def verify_stdb(capsys: pytest.CaptureFixture[str], kit: IssuerKit, token: str, 
     return rc, out
 
 
-def test_spacetimedb_audience_good_token(stdb: IssuerKit, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_spacetimedb_audience_good_token(
+    stdb: IssuerKit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, out = verify_stdb(capsys, stdb, stdb.token(sub="user:alice"), stdb.jwks(), tmp_path)
     assert rc == 0, out
     assert "ok   spacetimedb.alg: ES256" in out and "ok   spacetimedb.kid" in out
@@ -208,14 +222,18 @@ def test_spacetimedb_audience_good_token(stdb: IssuerKit, tmp_path: Path, capsys
         (lambda k: k.token(sub="u" * 129), "sub is 129 bytes"),
     ],
 )
-def test_spacetimedb_limits(stdb: IssuerKit, tmp_path: Path, make: Any, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_spacetimedb_limits(
+    stdb: IssuerKit, tmp_path: Path, make: Any, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, out = verify_stdb(capsys, stdb, make(stdb), stdb.jwks(), tmp_path)
     assert rc == 1
     assert says in out, out
     assert "spacetimedb." in out.strip().splitlines()[-1]
 
 
-def test_spacetimedb_kid_must_be_published(stdb: IssuerKit, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_spacetimedb_kid_must_be_published(
+    stdb: IssuerKit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     jwks = {"keys": [stdb.jwk("k-rs")]}  # k-es is not published
     rc, out = verify_stdb(capsys, stdb, stdb.token(), jwks, tmp_path)
     assert rc == 1 and "FAIL spacetimedb.kid" in out
@@ -225,7 +243,9 @@ def test_spacetimedb_checks_are_off_for_other_audiences(kit: IssuerKit) -> None:
     report = verify_token(kit.token(kid="k-ed"), jwks=kit.jwks(), issuer=ISSUER, audience=AUDIENCE)
     assert not report.failed
     assert not any(c.name.startswith("spacetimedb") for c in report.checks)
-    forced = verify_token(kit.token(kid="k-ed"), jwks=kit.jwks(), issuer=ISSUER, audience=AUDIENCE, spacetimedb=True)
+    forced = verify_token(
+        kit.token(kid="k-ed"), jwks=kit.jwks(), issuer=ISSUER, audience=AUDIENCE, spacetimedb=True
+    )
     assert [c.name for c in forced.failed] == ["spacetimedb.alg"]
 
 
@@ -257,9 +277,17 @@ def test_keygen_then_mint_then_verify(alg: str, tmp_path: Path, capsys: pytest.C
 
 
 @pytest.mark.parametrize(
-    "issuer", ["https://auth.example.com", "https://gateway.prod.internal/", "https://10.0.0.5", "https://[2001:db8::1]"]
+    "issuer",
+    [
+        "https://auth.example.com",
+        "https://gateway.prod.internal/",
+        "https://10.0.0.5",
+        "https://[2001:db8::1]",
+    ],
 )
-def test_mint_refuses_production_issuers(issuer: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mint_refuses_production_issuers(
+    issuer: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = tmp_path / "key.pem"
     run(capsys, "token", "keygen", "--key", str(key))
     rc, out, err = run(capsys, "token", "mint", "--key", str(key), "--issuer", issuer, "--subject", "u")
@@ -268,14 +296,23 @@ def test_mint_refuses_production_issuers(issuer: str, tmp_path: Path, capsys: py
 
 
 @pytest.mark.parametrize(
-    "issuer", ["http://auth.example.com", "https://localhost:8443", "https://127.0.0.1", "https://[::1]:9", "gatewayd-dev"]
+    "issuer",
+    [
+        "http://auth.example.com",
+        "https://localhost:8443",
+        "https://127.0.0.1",
+        "https://[::1]:9",
+        "gatewayd-dev",
+    ],
 )
 def test_mint_allows_local_issuers(issuer: str) -> None:
     assert not production_issuer(issuer)
 
 
 @pytest.mark.parametrize("subject", ["a|b", "", "s" * 129])
-def test_mint_refuses_claims_spacetimedb_refuses(subject: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mint_refuses_claims_spacetimedb_refuses(
+    subject: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = tmp_path / "key.pem"
     run(capsys, "token", "keygen", "--key", str(key))
     rc, _, err = run(capsys, "token", "mint", "--key", str(key), "--issuer", "local", "--subject", subject)
@@ -323,3 +360,16 @@ class serve_jwks:
         self.server.server_close()
         self.thread.join(5)
 
+
+DECODE_FLAGS = {1, 6, 7, 8, 14}  # rows that decoding alone (no key, no policy) must flag
+
+
+@pytest.mark.parametrize("case", REJECT_CASES, ids=lambda c: c.id)
+def test_decode_on_every_row_of_the_security_table(
+    case: Case, kit: IssuerKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, _ = run(capsys, "token", "decode", case.make(kit))
+    assert rc in (0, 1)
+    if case.row in DECODE_FLAGS:
+        assert rc == 1, out
+        assert case.says.lower() in out.lower() or "problem:" in out, out
