@@ -17,11 +17,13 @@ session with a close frame, and everything returns.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,6 +62,50 @@ logger = logging.getLogger(__name__)
 
 # After the shutdown event, connections get this long to flush and close.
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+
+# Cyclic GC while serving (DESIGN.md "Performance facts"; bench/README.md "fanout"): a collection
+# stops the fan-out, and a full one walks every tracked object, i.e. every stream's tasks and
+# scopes: ~0.3-1 s at 10,000 streams. So what start-up built is frozen out of the collector, and
+# gen-0 collections wait for this many new container objects (not 700), which lets most
+# short-lived objects die by refcount before any collection sees them, so far fewer reach the
+# old generations and full collections become rare.
+GC_GEN0_THRESHOLD = 20_000
+_gc_saved: list[tuple[int, int, int]] = []
+
+
+@contextmanager
+def tuned_gc(gen0_threshold: int | None = GC_GEN0_THRESHOLD) -> Iterator[None]:
+    """While the block runs: start-up objects frozen out of the cyclic GC (``gc.freeze``) and a
+    higher gen-0 threshold; both undone on exit (tests run many gateways in one process).
+    Nested uses share the outermost setting. ``None`` leaves the GC alone."""
+    if gen0_threshold is None:
+        yield
+        return
+    if not _gc_saved:
+        gc.collect()  # do not freeze start-up garbage
+        gc.freeze()
+        threshold = gc.get_threshold()
+        gc.set_threshold(max(gen0_threshold, threshold[0]), threshold[1], threshold[2])
+    else:
+        threshold = _gc_saved[-1]
+    _gc_saved.append(threshold)
+    try:
+        yield
+    finally:
+        _gc_saved.pop()
+        if not _gc_saved:
+            gc.set_threshold(*threshold)
+            gc.unfreeze()
+
+
+async def hold_tuned_gc(
+    gen0_threshold: int | None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """:func:`tuned_gc` for as long as this task runs (until its nursery is cancelled)."""
+    with tuned_gc(gen0_threshold):
+        task_status.started()
+        await trio.sleep_forever()
+
 
 
 @dataclass
@@ -241,11 +287,13 @@ async def serve_gateway(
     shutdown: trio.Event,
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
     notifier: SystemdNotifier | None = None,
+    gc_gen0_threshold: int | None = GC_GEN0_THRESHOLD,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole gateway until ``shutdown`` is set; ``task_status.started(bound addresses)``
     once HTTP is listening (the upstream may still be connecting: see /readyz). ``notifier``
-    reports to systemd (READY=1 once the upstream is subscribed too, STATUS, WATCHDOG, STOPPING)."""
+    reports to systemd (READY=1 once the upstream is subscribed too, STATUS, WATCHDOG, STOPPING).
+    ``gc_gen0_threshold``: see :func:`tuned_gc` (None leaves the GC alone)."""
     from gatewayd.http.app import create_app  # quart is heavy; only the daemon needs it
 
     cfg = gateway.config
@@ -278,6 +326,8 @@ async def serve_gateway(
         if gateway.broker is not None:
             await services.start(gateway.broker.serve)  # key rotation and retirement
         await services.start(api.serve)
+        # Start-up is over: freeze what it built out of the cyclic GC until the end (tuned_gc).
+        await services.start(hold_tuned_gc, gc_gen0_threshold)
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accept:
                 accept.start_soon(
