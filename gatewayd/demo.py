@@ -48,6 +48,8 @@ DEMO_AUDIENCE: Final = "gatewayd"
 DEMO_KID: Final = "demo-1"
 SERVICE_ISSUER: Final = "gatewayd-demo-service"
 SERVICE_SUBJECT: Final = "gatewayd"
+# The service connection's subject when the broker mints its token (the one subject scheme).
+BROKER_SERVICE_SUBJECT: Final = "robot:gatewayd"
 TOKEN_LIFETIME_S: Final = 8 * 3600
 ALL_DOC_SCOPES: Final = "document.read document.create document.update document.delete"
 DEMO_USERS: Final = {
@@ -169,6 +171,7 @@ class DevStack:
     peer: Any
     issuer: DemoIssuer
     url: str
+    service_identity: str = ""  # the identity of the gateway's service connection
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -188,31 +191,52 @@ async def open_dev_stack(
     shutdown_grace_s: float = 2.0,
     peer_settings: dict[str, Any] | None = None,
     notifier: SystemdNotifier | None = None,
+    use_broker: bool = False,
+    peer_auth: Any = None,
 ) -> AsyncIterator[DevStack]:
     """Start peer + gateway; ``module`` defaults to the demo module with gatewayd's service
-    identity registered. ``config`` is merged over the demo config (lists replace)."""
+    identity registered. ``config`` is merged over the demo config (lists replace).
+
+    ``use_broker``: the gateway's token broker mints the service and per-user tokens (issuer
+    ``http://127.0.0.1:<gateway port>``), and the peer discovers its JWKS over HTTP, as
+    SpacetimeDB would; otherwise the peer's own key signs them (a stand-in). ``peer_auth``: the
+    peer's token rules (e.g. a shortened JWKS refresh period)."""
     from gatewayd.peer import DemoConfig, PeerAuth, make_demo_module, open_peer
 
     if shutdown is None:
         shutdown = trio.Event()
     with tempfile.TemporaryDirectory(prefix="gatewayd-dev-") as tmp:
         issuer = DemoIssuer(Path(tmp))
-        peer_auth = PeerAuth()
+        peer_auth = peer_auth or PeerAuth()
         service_token = peer_auth.mint(SERVICE_SUBJECT, issuer=SERVICE_ISSUER)
+        service_ident = service_identity()
+        listeners = broker_issuer = None
+        if use_broker:
+            # Bind first: the broker's issuer (hence the service identity) names the port.
+            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            broker_issuer = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            service_ident = identity_hex(broker_issuer, BROKER_SERVICE_SUBJECT)
         if module is None:
-            module = make_demo_module(DemoConfig(service_identities=frozenset({service_identity()})))
+            module = make_demo_module(DemoConfig(service_identities=frozenset({service_ident})))
         async with open_peer(module, port=0, auth=peer_auth, **(peer_settings or {})) as peer:
             doc = _merge(demo_config(peer.base_url, port, issuer.jwks_path), config or {})
+            if use_broker:
+                keys_dir = str(Path(tmp) / "keys")
+                broker = {"issuer": broker_issuer, "keys_dir": keys_dir, "profile": "development",
+                          "service_subject": BROKER_SERVICE_SUBJECT}  # fmt: skip
+                doc = _merge({"broker": broker}, doc)
             gateway = build_gateway(
                 parse_config(doc),
-                token_source=static_token(service_token),
-                user_minter=peer_user_minter(peer_auth),
+                token_source=None if use_broker else static_token(service_token),
+                user_minter=None if use_broker else peer_user_minter(peer_auth),
             )
             async with trio.open_nursery() as nursery:
-                bound = await nursery.start(partial_serve(gateway, shutdown, shutdown_grace_s, notifier))
+                bound = await nursery.start(
+                    partial_serve(gateway, shutdown, shutdown_grace_s, notifier, listeners=listeners)
+                )
                 host, gport = bound[0]
                 try:
-                    yield DevStack(gateway, peer, issuer, f"http://{host}:{gport}/")
+                    yield DevStack(gateway, peer, issuer, f"http://{host}:{gport}/", service_ident)
                 finally:
                     shutdown.set()
 
@@ -243,7 +267,8 @@ async def serve_demo(
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # The demo runs the readiness canary (the demo module's bump_canary), as production should.
-    async with open_dev_stack(port=port, shutdown=shutdown, config={"canary": DEMO_CANARY}) as stack:
+    demo_cfg = {"canary": DEMO_CANARY}
+    async with open_dev_stack(port=port, shutdown=shutdown, config=demo_cfg, use_broker=True) as stack:
         gateway = stack.gateway
         gateway.demo_page = True
         gateway.demo_login = lambda: {u: stack.issuer.mint(u) for u in DEMO_USERS}
@@ -262,12 +287,15 @@ async def serve_demo(
 
 
 def partial_serve(
-    gateway: Gateway, shutdown: trio.Event, grace_s: float, notifier: SystemdNotifier | None = None
+    gateway: Gateway,
+    shutdown: trio.Event,
+    grace_s: float,
+    notifier: SystemdNotifier | None = None,
+    listeners: Any = None,
 ) -> Any:
     async def run(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
-        await serve_gateway(
-            gateway, shutdown=shutdown, shutdown_grace_s=grace_s, notifier=notifier, task_status=task_status
-        )
+        await serve_gateway(gateway, shutdown=shutdown, shutdown_grace_s=grace_s, notifier=notifier,
+                            listeners=listeners, task_status=task_status)  # fmt: skip
 
     return run
 

@@ -230,6 +230,8 @@ def build_gateway(
         token_source=token_source,
         config=sup_cfg,
     )
+    if user_minter is None and broker is not None:
+        user_minter = broker.user_token  # per-user connections take their tokens from the broker
     users = None
     if user_minter is not None:
         users = UserConnectionPool(
@@ -287,6 +289,7 @@ async def serve_gateway(
     shutdown: trio.Event,
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
     notifier: SystemdNotifier | None = None,
+    listeners: list[trio.SocketListener] | None = None,
     gc_gen0_threshold: int | None = GC_GEN0_THRESHOLD,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -313,7 +316,8 @@ async def serve_gateway(
             recheck_s=cfg.auth.recheck_s,
         ),
     )
-    listeners = await trio.open_tcp_listeners(cfg.http.port, host=cfg.http.host)
+    if listeners is None:  # (the dev stack binds first: its broker issuer names the port)
+        listeners = await trio.open_tcp_listeners(cfg.http.port, host=cfg.http.host)
     bound = [(str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners]
     gateway.bound = bound
     gateway.front = front
