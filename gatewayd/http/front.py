@@ -46,7 +46,7 @@ from gatewayd.errors import AuthError
 from gatewayd.http.autherrors import auth_error_parts
 from gatewayd.proto.tokens import Principal
 from gatewayd.services.auth import Presented, presented_from_headers, watch_principal
-from gatewayd.services.hub import run_socket_writer
+from gatewayd.services.hub import Subscriber, run_socket_writer
 from gatewayd.services.streams import StreamError, StreamService
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ SSE_HEAD: Final = (
 _json = msgspec.json.Encoder()
 
 Authenticate = Callable[[Presented], Awaitable[Principal]]
+# An opened native stream: what its writer and credential rechecks need, nothing more.
+_Opened = tuple[Subscriber, Presented, Principal]
 
 
 def bearer_or_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -188,7 +190,11 @@ class Front:
         """Per-connection entry point for ``trio.serve_listeners``. Never raises."""
         self.open_connections += 1
         try:
-            await self._handle(stream)
+            opened = await self._handle(stream)
+            if opened is not None:
+                # A native stream. Its writer lives as long as the client, so it runs here, after
+                # the request's parser, head bytes and headers are gone (memory per idle client).
+                await self._run_stream(stream, *opened)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
@@ -196,7 +202,8 @@ class Front:
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream) -> _Opened | None:
+        """Read the request head; answer or hand over everything but an opened native stream."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_head_bytes)
         buffered = bytearray()
         event: Any = None
@@ -211,23 +218,23 @@ class Front:
                     break
                 data = await stream.receive_some(65536)
                 if not data:
-                    return
+                    return None
                 buffered += data
                 conn.receive_data(bytes(data))
         if event is None and not buffered:
-            return  # idle connection that never spoke
+            return None  # idle connection that never spoke
         if isinstance(event, h11.Request) and event.method == b"GET":
             target = event.target.decode("latin-1")
             path, _, query = target.partition("?")
             m = STREAM_PATH.fullmatch(path)
             if m is not None:
                 self.native_streams += 1
-                await self._serve_stream(stream, m.group(1), query, event.headers.raw_items())
-                return
+                return await self._open_stream(stream, m.group(1), query, event.headers.raw_items())
         if event is h11.NEED_DATA or (event is None and len(buffered) < 4):
-            return  # timed out before a full head: nothing worth answering
+            return None  # timed out before a full head: nothing worth answering
         self.handed_over += 1
         await self.api.handle(stream, bytes(buffered))
+        return None
 
     async def _respond_error(
         self, stream: trio.SocketStream, status: int, code: str, message: str, extra: list[str] | None = None
@@ -247,14 +254,15 @@ class Front:
         with trio.move_on_after(5):
             await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
-    async def _serve_stream(
+    async def _open_stream(
         self, stream: trio.SocketStream, name: str, query: str, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    ) -> _Opened | None:
+        """Authenticate and open the stream (its head and first frames queued), or answer why not."""
         if not self.accepting:
             await self._respond_error(
                 stream, 503, "shutting_down", "the gateway is shutting down", ["Retry-After: 5"]
             )
-            return
+            return None
         params = urllib.parse.parse_qs(query, keep_blank_values=False)
         presented = presented_from_headers(headers, source_ip=_peer_ip(stream))
         try:
@@ -262,7 +270,7 @@ class Front:
         except AuthError as exc:
             status, code, message, hdrs = auth_error_parts(exc)
             await self._respond_error(stream, status, code, message, [f"{k}: {v}" for k, v in hdrs.items()])
-            return
+            return None
         cursor = None
         for k, v in headers:
             if k.lower() == b"last-event-id" and v:
@@ -280,8 +288,13 @@ class Front:
         except StreamError as exc:
             extra = ["Retry-After: 5"] if exc.status == 429 else []
             await self._respond_error(stream, exc.status, exc.code, exc.message, extra)
-            return
+            return None
         logger.debug("stream %s opened for %s", sub, principal.subject)
+        return sub, presented, principal
+
+    async def _run_stream(
+        self, stream: trio.SocketStream, sub: Subscriber, presented: Presented, principal: Principal
+    ) -> None:
         async with trio.open_nursery() as stream_nursery:
             # The credential is rechecked while the stream runs: revoked -> "revoked" event, end.
             stream_nursery.start_soon(
