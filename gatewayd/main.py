@@ -330,6 +330,7 @@ async def serve_gateway(
         if gateway.broker is not None:
             await services.start(gateway.broker.serve)  # key rotation and retirement
         await services.start(api.serve)
+        await services.start(front.rechecks.serve)  # open streams' credential rechecks
         # Start-up is over: freeze what it built out of the cyclic GC until the end (tuned_gc).
         await services.start(hold_tuned_gc, gc_gen0_threshold)
         async with trio.open_nursery() as connections:

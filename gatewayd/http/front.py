@@ -23,13 +23,14 @@ Pinned to the hypercorn versions tested.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
+import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Final
 
 import h11
@@ -44,8 +45,8 @@ from hypercorn.utils import wrap_app
 
 from gatewayd.errors import AuthError
 from gatewayd.http.autherrors import auth_error_parts
-from gatewayd.proto.tokens import Principal
-from gatewayd.services.auth import Presented, presented_from_headers, watch_principal
+from gatewayd.proto.tokens import Principal, TokenInvalid
+from gatewayd.services.auth import Presented, presented_from_headers
 from gatewayd.services.hub import Subscriber, run_socket_writer
 from gatewayd.services.streams import StreamError, StreamService
 
@@ -168,6 +169,87 @@ class FrontConfig:
     recheck_s: float = 30.0
 
 
+class Rechecks:
+    """Credential rechecks of every open native stream, scheduled from one task.
+
+    The rules are :func:`gatewayd.services.auth.watch_principal`'s: every ``recheck_s``, and once
+    when the credential expires (+1 s); a definite refusal ends the stream (``revoked`` event);
+    unavailability of the app or its keys does not. But an idle stream costs an entry here instead
+    of a task, a nursery and their scopes (~30 GC-tracked objects, ~5 KB; bench/README.md "fanout").
+    Each due recheck runs in a short-lived task of its own, so a slow verifier delays no other.
+    Run :meth:`serve` (serve_gateway does) before streams are opened.
+    """
+
+    def __init__(
+        self, authenticate: Authenticate, recheck_s: float, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        self.authenticate = authenticate
+        self.recheck_s = recheck_s
+        self._wall = wall_clock
+        self._watched: dict[int, _Opened] = {}  # subscriber id -> what its recheck needs
+        self._due: list[tuple[float, int]] = []  # (trio time, subscriber id); ended ones skipped
+        self._changed = trio.Event()
+        self._running = False
+
+    def watch(self, sub: Subscriber, presented: Presented, principal: Principal) -> None:
+        if not self._running:
+            raise RuntimeError("credential rechecks are not running (Rechecks.serve)")
+        self._watched[sub.id] = (sub, presented, principal)
+        self._schedule(sub.id, principal)
+
+    def unwatch(self, sub: Subscriber) -> None:
+        self._watched.pop(sub.id, None)
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    def _schedule(self, sid: int, principal: Principal) -> None:
+        wait = self.recheck_s
+        if principal.expires_at is not None:
+            wait = min(wait, max(0.0, principal.expires_at - self._wall()) + 1.0)
+        due = trio.current_time() + wait
+        if not self._due or due < self._due[0][0]:
+            self._changed.set()
+        heapq.heappush(self._due, (due, sid))
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._running = True
+            task_status.started()
+            try:
+                while True:
+                    now = trio.current_time()
+                    while self._due and self._due[0][0] <= now:
+                        sid = heapq.heappop(self._due)[1]
+                        if sid in self._watched:
+                            nursery.start_soon(self._recheck, sid, name=f"recheck[{sid}]")
+                    self._changed = trio.Event()
+                    if self._due:
+                        with trio.move_on_at(self._due[0][0]):
+                            await self._changed.wait()
+                    else:
+                        await self._changed.wait()
+            finally:
+                self._running = False
+
+    async def _recheck(self, sid: int) -> None:
+        from gatewayd.services.jwks import KeysUnavailable
+        from gatewayd.services.sessions import SessionsUnavailable
+
+        sub, presented, principal = self._watched[sid]
+        try:
+            await self.authenticate(presented)
+        except TokenInvalid as exc:
+            if self._watched.pop(sid, None) is not None:  # not if the stream ended meanwhile
+                logger.info("stream credential of %s refused on recheck: %s", principal.subject, exc.code)
+                _credential_revoked(sub, exc.code)
+            return
+        except (KeysUnavailable, SessionsUnavailable) as exc:
+            logger.warning("stream credential of %s could not be rechecked: %s", principal.subject, exc)
+        if sid in self._watched:
+            self._schedule(sid, principal)
+
+
 class Front:
     def __init__(
         self,
@@ -185,6 +267,7 @@ class Front:
         self.native_streams = 0
         self.handed_over = 0
         self.open_connections = 0  # client connections currently open (metrics)
+        self.rechecks = Rechecks(authenticate, config.recheck_s)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Per-connection entry point for ``trio.serve_listeners``. Never raises."""
@@ -295,20 +378,12 @@ class Front:
     async def _run_stream(
         self, stream: trio.SocketStream, sub: Subscriber, presented: Presented, principal: Principal
     ) -> None:
-        async with trio.open_nursery() as stream_nursery:
-            # The credential is rechecked while the stream runs: revoked -> "revoked" event, end.
-            stream_nursery.start_soon(
-                partial(
-                    watch_principal,
-                    partial(self.authenticate, presented),
-                    principal,
-                    recheck_s=self.config.recheck_s,
-                    on_revoked=partial(_credential_revoked, sub),
-                ),
-                name=f"recheck[{sub.id}]",
-            )
+        # The credential is rechecked while the stream runs: revoked -> "revoked" event, end.
+        self.rechecks.watch(sub, presented, principal)
+        try:
             await run_socket_writer(sub, stream)
-            stream_nursery.cancel_scope.cancel()
+        finally:
+            self.rechecks.unwatch(sub)
 
 
 def _peer_ip(stream: trio.SocketStream) -> str | None:
