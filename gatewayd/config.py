@@ -67,6 +67,11 @@ class HttpConfig(_Strict, frozen=True):
     max_body_bytes: int = 1024 * 1024
     # A client must send its request head within this (slowloris guard).
     head_timeout_s: float = 10.0
+    # Open client connections (streams included); beyond it new ones are closed at once, so
+    # trickling clients cannot exhaust file descriptors. Keep it under LimitNOFILE.
+    max_connections_count: int = 100_000
+    # A kept-alive API connection must make progress: each read waits at most this long.
+    read_timeout_s: float = 30.0
 
 
 class SseConfig(_Strict, frozen=True):

@@ -107,7 +107,6 @@ async def hold_tuned_gc(
         await trio.sleep_forever()
 
 
-
 @dataclass
 class Gateway:
     """The running services, handed to the HTTP layer (``create_app(gateway)``)."""
@@ -305,6 +304,8 @@ async def serve_gateway(
     hcfg.keep_alive_timeout = 30
     hcfg.graceful_timeout = shutdown_grace_s
     hcfg.accesslog = None
+    hcfg.include_server_header = False  # no version banner
+    hcfg.read_timeout = max(1, round(cfg.http.read_timeout_s))  # hypercorn takes whole seconds
     api = ApiServer(app, hcfg)
     front = Front(
         streams=gateway.streams,
@@ -314,6 +315,7 @@ async def serve_gateway(
             max_head_bytes=cfg.http.max_head_bytes,
             head_timeout_s=cfg.http.head_timeout_s,
             recheck_s=cfg.auth.recheck_s,
+            max_connections=cfg.http.max_connections_count,
         ),
     )
     if listeners is None:  # (the dev stack binds first: its broker issuer names the port)

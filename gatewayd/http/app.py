@@ -23,7 +23,7 @@ from gatewayd.http.autherrors import auth_error_parts
 from gatewayd.http.front import SSE_HEAD
 from gatewayd.http.tokenroutes import register_token_routes
 from gatewayd.proto.tokens import Principal
-from gatewayd.services.auth import presented_from_headers
+from gatewayd.services.auth import Presented, presented_from_headers
 from gatewayd.services.hub import iter_subscriber
 from gatewayd.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gatewayd.services.streams import StreamError
@@ -71,15 +71,18 @@ def create_app(gateway: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.http.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
 
-    async def principal(*, allow_cookie: bool) -> Principal:
+    async def authenticated(*, allow_cookie: bool) -> tuple[Presented, Principal]:
         # Credentials come from headers only (never the query string or the body).
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         presented = presented_from_headers(headers, source_ip=request.remote_addr, allow_cookie=allow_cookie)
         try:
-            return await gateway.authenticate_request(presented)
+            return presented, await gateway.authenticate_request(presented)
         except AuthError as exc:
             status, code, message, hdrs = auth_error_parts(exc)
             raise ApiError(status, code, message, hdrs) from None
+
+    async def principal(*, allow_cookie: bool) -> Principal:
+        return (await authenticated(allow_cookie=allow_cookie))[1]
 
     register_token_routes(app, gateway, principal)
 
@@ -110,11 +113,17 @@ def create_app(gateway: Gateway) -> QuartTrio:
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
         cid = uuid.uuid4().hex
-        logger.exception("unexpected error on %s %s (correlation_id=%s)", request.method, request.path, cid)
+        try:
+            where = f"{request.method} {request.path}"
+        except RuntimeError:  # not an HTTP request (e.g. a WebSocket scope): no request context
+            where = "a non-HTTP request"
+        logger.error("unexpected error on %s (correlation_id=%s): %r", where, cid, exc, exc_info=exc)
         body = _json.encode(
             {"error": {"code": "internal_error", "message": "internal error", "correlation_id": cid}}
         )
-        return Response(body, status=500, content_type="application/json")
+        resp = Response(body, status=500, content_type="application/json")
+        resp.headers["X-Correlation-Id"] = cid
+        return resp
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -155,17 +164,25 @@ def create_app(gateway: Gateway) -> QuartTrio:
     @app.get("/v1/streams/<name>")
     async def stream_fallback(name: str) -> Response:
         # Reached only on a kept-alive connection already owned by hypercorn (see http/front.py).
-        p = await principal(allow_cookie=True)
+        presented, p = await authenticated(allow_cookie=True)
         cursor = (
             request.headers.get("Last-Event-ID")
             or request.args.get("last_event_id")
             or request.args.get("cursor")
         )
         sub = gateway.streams.open(p, name, tenant=request.args.get("tenant_id"), cursor=cursor, fd=None)
+        # The same credential rechecks as native streams: a revoked or expired credential ends it.
+        rechecks = gateway.front.rechecks if gateway.front is not None else None
+        if rechecks is not None:
+            rechecks.watch(sub, presented, p)
 
         async def body() -> AsyncIterator[bytes]:
-            async for chunk in iter_subscriber(sub):
-                yield chunk
+            try:
+                async for chunk in iter_subscriber(sub):
+                    yield chunk
+            finally:
+                if rechecks is not None:
+                    rechecks.unwatch(sub)
 
         head_lines = SSE_HEAD.split(b"\r\n")[1:-2]
         resp = Response(body(), status=200)
@@ -184,6 +201,8 @@ def create_app(gateway: Gateway) -> QuartTrio:
         raw = await request.get_data(cache=False)
         try:
             args = msgspec.json.decode(raw) if raw else {}
+        except RecursionError:
+            raise ApiError(400, "invalid_json", "body nests too deeply") from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "invalid_json", f"body is not JSON: {exc}") from None
         try:

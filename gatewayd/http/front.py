@@ -165,6 +165,7 @@ class ApiServer:
 class FrontConfig:
     max_head_bytes: int = 16 * 1024
     head_timeout_s: float = 10.0
+    max_connections: int = 100_000
     # An open stream rechecks its credential this often (a revoked session ends it).
     recheck_s: float = 30.0
 
@@ -268,9 +269,15 @@ class Front:
         self.handed_over = 0
         self.open_connections = 0  # client connections currently open (metrics)
         self.rechecks = Rechecks(authenticate, config.recheck_s)
+        self.refused_connections = 0
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Per-connection entry point for ``trio.serve_listeners``. Never raises."""
+        if self.open_connections >= self.config.max_connections:
+            self.refused_connections += 1
+            with trio.move_on_after(1, shield=True):
+                await stream.aclose()
+            return
         self.open_connections += 1
         try:
             opened = await self._handle(stream)
@@ -280,6 +287,10 @@ class Front:
                 await self._run_stream(stream, *opened)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        except Exception:
+            # The per-connection boundary: a bug triggered by one client's input ends that
+            # connection, is logged once, and never reaches the nursery that serves everyone.
+            logger.exception("unexpected error on a client connection; closing it")
         finally:
             self.open_connections -= 1
             with trio.move_on_after(1, shield=True):

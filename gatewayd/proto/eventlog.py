@@ -22,6 +22,7 @@ answers *reset* with the reason: never a silent gap.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Final
 MAX_CURSOR_LEN: Final = 96
 
 PartitionKey = tuple[str, str]  # (stream, tenant)
+
+_SEQ: Final = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +151,8 @@ class EventLog:
         if not cursor or len(cursor) > MAX_CURSOR_LEN:
             return None
         parts = cursor.split(".")
-        if len(parts) != 3 or not parts[2].isdigit() or not parts[0] or not parts[1]:
+        # ASCII digits only: str.isdigit() also accepts "²" and other characters int() refuses.
+        if len(parts) != 3 or not _SEQ.fullmatch(parts[2]) or not parts[0] or not parts[1]:
             return None
         return parts[0], parts[1], int(parts[2])
 

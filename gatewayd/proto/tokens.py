@@ -153,7 +153,8 @@ def _segment_json(seg: str, what: str) -> Any:
         if seg.rstrip("=") != seg or not raw:
             raise ValueError
         return json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: "[[[[...]]]]" nested thousands deep fits in the length cap.
         raise TokenInvalid(f"not a JWS: the {what} is not base64url JSON", code="malformed_token") from None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -35,6 +36,9 @@ _json = msgspec.json.Encoder()
 
 # Snapshot page size limits for GET .../snapshot (the SSE snapshot uses snapshot_chunk_rows).
 MAX_PAGE_ROWS: Final = 5000
+# Paged snapshots kept per principal: one principal cannot push everyone else's pages out.
+MAX_PAGES_PER_PRINCIPAL: Final = 8
+_OFFSET: Final = re.compile(r"[0-9]{1,9}")
 
 
 class StreamError(Exception):
@@ -286,18 +290,22 @@ class StreamService:
         stream, tenant = self.authorize(principal, name, tenant)
         self.check_capacity(principal)
         key = (stream.name, tenant)
+        # Everything that can fail on the client's input happens before the subscriber exists.
+        res = (
+            self.log.resume(key, cursor, floor=self.replay_floor(principal, stream.name, tenant))
+            if cursor
+            else None
+        )
         sub = self.hub.subscribe(key, principal.subject, fd)
         if head:
             sub.push(head)
         sub.push(self.retry_frame())
-        if cursor:
-            res = self.log.resume(key, cursor, floor=self.replay_floor(principal, stream.name, tenant))
-            if isinstance(res, Replay):
-                self.replays += 1
-                for f in res.frames:
-                    sub.push(f)
-                return sub
-            assert isinstance(res, Reset)
+        if isinstance(res, Replay):
+            self.replays += 1
+            for f in res.frames:
+                sub.push(f)
+            return sub
+        if isinstance(res, Reset):
             self.resets[res.reason] = self.resets.get(res.reason, 0) + 1
             sub.push(self.reset_frame(res.reason))
         for f in self._snapshot_frames(stream, tenant):
@@ -324,7 +332,7 @@ class StreamService:
         else:
             token, _, off = page.rpartition(":")
             got = self._pages.get(f"{principal.subject}|{stream.name}|{tenant}|{token}")
-            if got is None or not off.isdigit():
+            if got is None or not _OFFSET.fullmatch(off):
                 raise StreamError(
                     410, "page_expired", "that snapshot page expired; start again without 'page'"
                 )
@@ -336,6 +344,9 @@ class StreamService:
         if more:
             self._pages[key] = entry
             self._pages.move_to_end(key)
+            mine = [k for k in self._pages if k.startswith(f"{principal.subject}|")]
+            for k in mine[: max(0, len(mine) - MAX_PAGES_PER_PRINCIPAL)]:
+                del self._pages[k]  # this principal's oldest first
             while len(self._pages) > self.config.snapshot_pages_count:
                 self._pages.popitem(last=False)
         else:
