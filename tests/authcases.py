@@ -144,7 +144,9 @@ def _hs_with_public(form: str) -> Callable[[IssuerKit], str]:
     def make(k: IssuerKit) -> str:
         pub = k.es.public_key()
         if form == "pem":
-            key = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            key = pub.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         elif form == "point":
             key = pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         else:
