@@ -20,6 +20,7 @@ install:
 harness:
     bash tests/harness/ts-sdk/setup.sh
     bash tests/harness/browser/setup.sh
+    bash tests/harness/better-auth/setup.sh
 
 # Run the whole test suite.
 test *ARGS: harness
