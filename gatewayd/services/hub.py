@@ -28,7 +28,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from itertools import count
@@ -94,7 +94,8 @@ class Subscriber:
         self.partition = partition
         self.principal = principal
         self.fd = fd  # raw socket fd for the fast path, or None (ASGI fallback)
-        self.backlog: deque[bytes] = deque()
+        # A list, not a deque: an idle client's empty deque costs ~700 B more (take_backlog).
+        self.backlog: list[bytes] = []
         self.backlog_bytes = 0
         self.sending = False
         self.closed = False
@@ -181,16 +182,20 @@ class Subscriber:
             self.task_scope.cancel()
 
     def take_backlog(self) -> bytes:
-        if len(self.backlog) == 1 and self.backlog_bytes <= MAX_WRITE_CHUNK:
-            data = self.backlog.popleft()
+        backlog = self.backlog
+        if len(backlog) == 1 and self.backlog_bytes <= MAX_WRITE_CHUNK:
+            data = backlog.pop()
         else:
-            parts: list[bytes] = []
+            # The oldest frames, at least one, up to MAX_WRITE_CHUNK bytes in all.
             size = 0
-            while self.backlog and (not parts or size + len(self.backlog[0]) <= MAX_WRITE_CHUNK):
-                part = self.backlog.popleft()
-                parts.append(part)
+            k = 0
+            for part in backlog:
+                if k and size + len(part) > MAX_WRITE_CHUNK:
+                    break
                 size += len(part)
-            data = b"".join(parts)
+                k += 1
+            data = b"".join(backlog[:k])
+            del backlog[:k]
         self.backlog_bytes -= len(data)
         return data
 
