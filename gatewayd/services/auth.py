@@ -33,7 +33,7 @@ import httpx
 import trio
 
 from gatewayd.proto.apikeys import looks_like_api_key
-from gatewayd.proto.tokens import Principal, TokenInvalid, Verifier
+from gatewayd.proto.tokens import Principal, RateLimited, TokenInvalid, Verifier
 from gatewayd.services.apikeys import ApiKeyService
 from gatewayd.services.jwks import JwksCache
 from gatewayd.services.sessions import SessionIntrospector
@@ -198,5 +198,6 @@ async def watch_principal(
             logger.info("stream credential of %s refused on recheck: %s", principal.subject, exc.code)
             on_revoked(exc.code)
             return
-        except (KeysUnavailable, SessionsUnavailable) as exc:
+        except (KeysUnavailable, SessionsUnavailable, RateLimited) as exc:
+            # Not a definite no (the app or the issuer is down, or rechecks hit a rate limit).
             logger.warning("stream credential of %s could not be rechecked: %s", principal.subject, exc)

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from gatewayd.proto.tokens import TokenInvalid
+
 from .conftest import SESSION_COOKIE, AuthStack
 
 
@@ -112,3 +114,26 @@ async def test_stream_refusals_carry_codes(stack: AuthStack) -> None:
         body = await r.to_end(3)
     assert r.status == 401
     assert b'WWW-Authenticate: Bearer error="invalid_token"' in body and b"audience" in body
+
+
+async def test_recheck_survives_unavailability_and_rate_limits() -> None:
+    from gatewayd.proto.tokens import Principal, RateLimited
+    from gatewayd.services.auth import watch_principal
+    from gatewayd.services.sessions import SessionsUnavailable
+
+    p = Principal(subject="user:u-1", kind="human", tenant="acme", scopes=frozenset(), issuer="x")
+    answers: list[BaseException | None] = [
+        SessionsUnavailable("down"),
+        RateLimited("slow", retry_after_s=3),
+        None,
+    ]
+    revoked: list[str] = []
+
+    async def recheck() -> None:
+        answer = answers.pop(0) if answers else TokenInvalid("gone", code="invalid_session")
+        if answer is not None:
+            raise answer
+
+    with trio.fail_after(5):
+        await watch_principal(recheck, p, recheck_s=0.01, on_revoked=revoked.append)
+    assert revoked == ["invalid_session"] and answers == []
