@@ -375,6 +375,8 @@ async def serve_gateway(
             abandon_at = grace_end - min(1.0, shutdown_grace_s / 4)
             services.start_soon(gateway.supervisor.abandon_calls_at, abandon_at, name="abandon-calls")
         logger.info("shutdown: connections closed; closing the upstream session")
+        # With a close frame (bounded by the session's close timeout), before the cancellation.
+        await gateway.supervisor.close_sessions()
         services.cancel_scope.cancel()
     if gateway.authenticator is not None:
         await gateway.authenticator.aclose()

@@ -277,6 +277,7 @@ class UpstreamSupervisor:
         self._abandon_reason: str | None = None
         self.last_error: str | None = None
         self.last_delays: list[float] = []  # recent backoff delays (observability and tests)
+        self._closing = False  # close_sessions() was called: do not reconnect
 
     # --- observation ----------------------------------------------------------------------------
 
@@ -292,6 +293,7 @@ class UpstreamSupervisor:
         )
         self.state = state
         if state is UpstreamState.LIVE:
+            self.last_error = None  # /readyz shows the current problem, not a healed one
             self._live.set()
         elif self._live.is_set():
             self._live = trio.Event()
@@ -569,6 +571,17 @@ class UpstreamSupervisor:
         )
         return changed
 
+    async def close_sessions(self) -> None:
+        """Close the active session with a close frame (bounded): the graceful end of shutdown.
+
+        Call before cancelling :meth:`serve`; otherwise the cancellation tears the socket down
+        without the WebSocket close handshake.
+        """
+        active = self.active
+        if active is not None:
+            self._closing = True
+            await active.aclose()
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run forever: connect, subscribe, reconcile, refresh, reconnect.
 
@@ -671,6 +684,8 @@ class UpstreamSupervisor:
                 nursery.start_soon(self._retire, old, name=f"{self.name}-retire")
             session, cred, fetched_at = new, new_cred, self._wall()
             refresh_at = self._refresh_at(cred, fetched_at)
+        if self._closing:
+            await trio.sleep_forever()  # shutting down: the caller cancels us next
         # The active session died.
         err = session.error
         self._baseline = session.cache
