@@ -45,7 +45,7 @@ from hypercorn.utils import wrap_app
 
 from gatewayd.errors import AuthError
 from gatewayd.http.autherrors import auth_error_parts
-from gatewayd.proto.tokens import Principal, TokenInvalid
+from gatewayd.proto.tokens import Principal, RateLimited, TokenInvalid
 from gatewayd.services.auth import Presented, presented_from_headers
 from gatewayd.services.hub import Subscriber, run_socket_writer
 from gatewayd.services.streams import StreamError, StreamService
@@ -245,7 +245,8 @@ class Rechecks:
                 logger.info("stream credential of %s refused on recheck: %s", principal.subject, exc.code)
                 _credential_revoked(sub, exc.code)
             return
-        except (KeysUnavailable, SessionsUnavailable) as exc:
+        except (KeysUnavailable, SessionsUnavailable, RateLimited) as exc:
+            # Not a definite no: the app or the issuer is down, or rechecks hit an API-key rate limit.
             logger.warning("stream credential of %s could not be rechecked: %s", principal.subject, exc)
         if sid in self._watched:
             self._schedule(sid, principal)
