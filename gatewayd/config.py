@@ -272,7 +272,7 @@ def _problems(cfg: Config, base: Path) -> list[str]:
         if not _IDENT.fullmatch(r.name):
             out.append(f"{where}.name: not a reducer name")
         if r.name in names:
-            out.append(f"{where}.name: duplicate")
+            out.append(f"{where}.name: duplicate reducer name")
         names.add(r.name)
         if r.upstream is not None and not _IDENT.fullmatch(r.upstream):
             out.append(f"{where}.upstream: not a reducer name")
