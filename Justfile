@@ -31,7 +31,7 @@ check:
     {{bin}}/ruff check gatewayd tests bench
     {{bin}}/ruff format --check gatewayd tests bench
     {{bin}}/mypy
-    ! grep -rnE 'math\.inf|open_memory_channel\(\s*inf' gatewayd
+    ! grep -rnE 'open_memory_channel\(\s*(math\.)?inf|max_buffer_size\s*=\s*(math\.)?inf' gatewayd
     ! grep -rnE '^\s*print\(' gatewayd --include=*.py | grep -v 'gatewayd/cli.py'
 
 # Benchmarks (results in bench/README.md).

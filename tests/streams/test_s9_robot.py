@@ -61,7 +61,7 @@ async def test_s9_api_key_robot_attributed_writes(tmp_path: Path) -> None:
         def audit_for(title: str) -> dict[str, Any]:
             (doc,) = [d for d in st.peer.db.rows("document") if d["title"] == title]
             (row,) = [a for a in st.peer.db.rows("audit_event") if a["target"] == f"document:{doc['id']}"]
-            return row
+            return dict(row)
 
         # Importing a document stores the robot as actor, with an audit row.
         r = await post("import_document", {"title": "imported", "body": ""})
