@@ -69,7 +69,7 @@ DEFAULT_SHUTDOWN_GRACE_S = 5.0
 # gen-0 collections wait for this many new container objects (not 700), which lets most
 # short-lived objects die by refcount before any collection sees them, so far fewer reach the
 # old generations and full collections become rare.
-GC_GEN0_THRESHOLD = 20_000
+GC_GEN0_THRESHOLD = 10_000
 _gc_saved: list[tuple[int, int, int]] = []
 
 
