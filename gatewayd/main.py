@@ -268,7 +268,7 @@ def build_gateway(
             burst_per_tenant=w.burst_per_tenant_count,
         ),
     )
-    return Gateway(
+    gateway = Gateway(
         writes=writes,
         users=users,
         config=config,
@@ -280,6 +280,13 @@ def build_gateway(
         reducers={r.name: r for r in config.reducers},
         canary=canary,
     )
+    # Metrics hooks: token mints and JWKS fetches are counted where they happen.
+    if broker is not None:
+        broker.on_mint = gateway.metrics.token_minted
+    if authenticator is not None:
+        for cache in authenticator.caches.values():
+            cache.on_fetch = gateway.metrics.jwks_fetched
+    return gateway
 
 
 async def serve_gateway(

@@ -156,6 +156,9 @@ class BrokerUnavailable(Exception):
 
 
 class Broker:
+    # Metrics hook: called with "ok" after each mint (sync, cheap).
+    on_mint: Callable[[str], None] | None = None
+
     """Key ring + schedule + minting. See the module docstring."""
 
     def __init__(
@@ -305,6 +308,8 @@ class Broker:
     def mint(self, claims: dict[str, Any]) -> str:
         key = self.signing_key()
         self.minted += 1
+        if self.on_mint is not None:
+            self.on_mint("ok")
         return jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"})
 
     def claims_for(self, principal: Principal, *, lifetime_s: int | None = None) -> dict[str, Any]:

@@ -117,6 +117,9 @@ def url_problem(url: str) -> str | None:
 
 
 class JwksCache:
+    # Metrics hook: called with (issuer, "ok" | "failed") after each fetch (sync, cheap).
+    on_fetch: Callable[[str, str], None] | None = None
+
     """Keys of one issuer, fetched from ``jwks_url`` or found through ``discovery_url``.
 
     Args:
@@ -240,6 +243,8 @@ class JwksCache:
                 keys = await self.fetch()
             except JwksFetchError as exc:
                 self._failures += 1
+                if self.on_fetch is not None:
+                    self.on_fetch(self.issuer, "failed")
                 self._last_failure_at = self._clock()
                 self._last_error = str(exc)
                 logger.warning(
@@ -255,6 +260,8 @@ class JwksCache:
             self._last_failure_at = None
             self._last_error = None
             self._generation += 1
+            if self.on_fetch is not None:
+                self.on_fetch(self.issuer, "ok")
             logger.info("jwks %s: %d keys (%s)", self.issuer, len(keys), reason)
 
     async def fetch(self) -> dict[str, jwt.PyJWK]:
