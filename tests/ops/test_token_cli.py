@@ -78,11 +78,16 @@ def test_decode_flags_dangerous_headers(kit: IssuerKit, capsys: pytest.CaptureFi
     assert rc == 1 and "'jku'" in out and "never fetched" in out
 
 
+def _mistyped(key: str) -> str:
+    """Change the last character (always to a different one, or the checksum may still match)."""
+    return key[:-1] + ("1" if key[-1] == "0" else "0")
+
+
 @pytest.mark.parametrize(
     ("token", "kind"),
     [
         (make_key("live", "k1-abc"), "gatewayd API key (live, key id k1-abc, checksum ok)"),
-        (make_key("test", "ci-key")[:-1] + "0", "gatewayd API key (test), malformed API key (checksum"),
+        (_mistyped(make_key("test", "ci-key")), "gatewayd API key (test), malformed API key (checksum"),
         ("gw_live_short", "gatewayd API key (live), malformed"),
         ("A" * 32 + "." + "b" * 43 + "=", "Better Auth session token (signed cookie value"),
         ("Ab3" * 10 + "xy", "Better Auth session token (the raw session id"),
