@@ -70,7 +70,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     async def body(shutdown: trio.Event) -> None:
         async with trio.open_nursery() as nursery:  # SIGHUP -> reload (RELOADING=1 ... READY=1)
-            reload = partial(serve_reload_on_sighup, gateway, Path(args.config), notifier=notifier)
+            # The broker re-reads its key ring on SIGHUP too (keys added by `gatewayd keys rotate`);
+            # the API-key store is read per request, so new or revoked keys need no reload.
+            broker = gateway.broker
+            hooks = [lambda _new: broker.rescan()] if broker is not None else []
+            reload = partial(
+                serve_reload_on_sighup, gateway, Path(args.config), notifier=notifier, hooks=hooks
+            )
             await nursery.start(reload)
             await serve_gateway(gateway, shutdown=shutdown, notifier=notifier)
             nursery.cancel_scope.cancel()
