@@ -38,6 +38,10 @@ check:
 bench:
     {{py}} bench/decode_rows.py
 
+# SSE fan-out benchmark, gatewayd vs nchan (~2 min; needs nginx + libnginx-mod-nchan; bench/README.md).
+bench-fanout *ARGS:
+    {{py}} bench/fanout/run.py {{ARGS}}
+
 # Everything embedded on 127.0.0.1: dev peer, gateway, demo page, a writer (Ctrl-C stops it).
 demo port="8080":
     {{bin}}/gatewayd demo --port {{port}}
