@@ -11,29 +11,9 @@ exec 1>&2
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
-for tool in node npm; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "better-auth harness: '$tool' is not on PATH; Node.js >= 20 with npm is required" >&2
-        exit 1
-    fi
-done
-if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
-    echo "better-auth harness: Node.js >= 20 is required, found $(node --version)" >&2
-    exit 1
-fi
-
-mkdir -p build
-exec 9>build/.setup.lock
-if command -v flock >/dev/null 2>&1; then
-    flock 9
-fi
-
-want="$(sha256sum package-lock.json | cut -d' ' -f1)"
-stamp="node_modules/.gatewayd-harness-lock.sha256"
-if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$want" ]]; then
-    echo "better-auth harness: installing npm packages (npm ci)"
-    npm ci --legacy-peer-deps --no-audit --no-fund --loglevel=error
-    echo "$want" >"$stamp"
-fi
+# --legacy-peer-deps: @better-auth/api-key's peer ranges; better-sqlite3 builds from source.
+# shellcheck source=../npm-harness.sh
+source "$here/../npm-harness.sh"
+harness_prepare better-auth --legacy-peer-deps
 node -e 'const D = require("better-sqlite3"); new D(":memory:").prepare("select 1").get();'
 node --input-type=module -e 'await import("better-auth"); await import("@better-auth/api-key");'

@@ -11,31 +11,10 @@ exec 1>&2
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
-for tool in node npm; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "ts-sdk harness: '$tool' is not on PATH; Node.js >= 20 with npm is required" >&2
-        exit 1
-    fi
-done
-if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
-    echo "ts-sdk harness: Node.js >= 20 is required, found $(node --version)" >&2
-    exit 1
-fi
-
-mkdir -p build
-exec 9>build/.setup.lock
-if command -v flock >/dev/null 2>&1; then
-    flock 9
-fi
-
-want="$(sha256sum package-lock.json | cut -d' ' -f1)"
-stamp="node_modules/.gatewayd-harness-lock.sha256"
-if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$want" ]]; then
-    echo "ts-sdk harness: installing npm packages (npm ci)"
-    # --ignore-scripts: nothing here needs an install script (esbuild finds its binary in the
-    # @esbuild/<platform> optional dependency without running its postinstall check).
-    npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
-    echo "$want" >"$stamp"
-fi
+# --ignore-scripts: nothing here needs an install script (esbuild finds its binary in the
+# @esbuild/<platform> optional dependency without running its postinstall check).
+# shellcheck source=../npm-harness.sh
+source "$here/../npm-harness.sh"
+harness_prepare ts-sdk --ignore-scripts
 
 node gen_client_api.mjs
