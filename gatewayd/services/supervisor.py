@@ -344,8 +344,9 @@ class UpstreamSupervisor:
         )
 
     @contextlib.contextmanager
-    def _counting(self, name: str) -> Iterator[Callable[[pc.CallOutcome], None]]:
-        """Count a reducer call's outcome in :attr:`call_outcomes` (metrics)."""
+    def counting(self, name: str) -> Iterator[Callable[[pc.CallOutcome], None]]:
+        """Count a reducer call's outcome in :attr:`call_outcomes` (metrics); also used for calls
+        made over per-user connections, so /metrics sees every write."""
 
         def done(outcome: pc.CallOutcome) -> None:
             kind = _OUTCOMES.get(type(outcome), type(outcome).__name__)
@@ -401,7 +402,7 @@ class UpstreamSupervisor:
             UpstreamUnavailableError: no live session within ``call_wait_s`` (not sent).
             OutcomeUnknownError: the session died after the call may have been sent.
         """
-        with self._counting(name) as done:
+        with self.counting(name) as done:
             with self._abandonable(sent=False):
                 session = await self._session_for_call()
             with self._abandonable(sent=True):
@@ -411,7 +412,7 @@ class UpstreamSupervisor:
 
     async def call_reducer_json(self, name: str, args: Any) -> pc.CallOutcome:
         """Encode JSON-ready ``args`` against the reducer's parameters, then call it."""
-        with self._counting(name) as done:
+        with self.counting(name) as done:
             with self._abandonable(sent=False):
                 session = await self._session_for_call()
             reducer = session.schema.reducer(name)

@@ -225,7 +225,9 @@ class WriteService:
                     raise WriteError(
                         503, "user_connections_unavailable", "per-user connections are not configured"
                     )
-                outcome = await self.users.call_reducer(principal, spec.upstream, encoded)
+                with self.supervisor.counting(spec.upstream) as counted:
+                    outcome = await self.users.call_reducer(principal, spec.upstream, encoded)
+                    counted(outcome)
             else:
                 outcome = await self.supervisor.call_reducer(spec.upstream, encoded)
         except UpstreamUnavailableError:

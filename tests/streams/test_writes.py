@@ -78,6 +78,8 @@ async def test_three_attribution_modes_as_the_module_sees_them() -> None:
         assert seen["hybrid"] == (alice_identity, alice_identity)
         assert st.gateway.users is not None
         assert st.gateway.users.statistics()["sessions"] == 1  # one pooled connection for alice
+        # Writes over per-user connections are counted in the reducer metrics too.
+        assert st.gateway.supervisor.call_outcomes[("create_document", "committed")] == 2
 
 
 async def test_s8_link_drops_mid_call_and_idempotent_retry() -> None:
