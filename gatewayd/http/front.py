@@ -45,8 +45,8 @@ from hypercorn.utils import wrap_app
 
 from gatewayd.errors import AuthError
 from gatewayd.http.autherrors import auth_error_parts
-from gatewayd.proto.tokens import Principal, RateLimited, TokenInvalid
-from gatewayd.services.auth import Presented, presented_from_headers
+from gatewayd.proto.tokens import Principal
+from gatewayd.services.auth import Presented, presented_from_headers, recheck_credential, recheck_delay
 from gatewayd.services.hub import Subscriber, run_socket_writer
 from gatewayd.services.streams import StreamError, StreamService
 
@@ -173,7 +173,8 @@ class FrontConfig:
 class Rechecks:
     """Credential rechecks of every open native stream, scheduled from one task.
 
-    The rules are :func:`gatewayd.services.auth.watch_principal`'s: every ``recheck_s``, and once
+    The rules are ``gatewayd.services.auth``'s (``recheck_delay``, ``recheck_credential``): every
+    ``recheck_s``, and once
     when the credential expires (+1 s); a definite refusal ends the stream (``revoked`` event);
     unavailability of the app or its keys does not. But an idle stream costs an entry here instead
     of a task, a nursery and their scopes (~30 GC-tracked objects, ~5 KB; bench/README.md "fanout").
@@ -205,10 +206,7 @@ class Rechecks:
         return len(self._watched)
 
     def _schedule(self, sid: int, principal: Principal) -> None:
-        wait = self.recheck_s
-        if principal.expires_at is not None:
-            wait = min(wait, max(0.0, principal.expires_at - self._wall()) + 1.0)
-        due = trio.current_time() + wait
+        due = trio.current_time() + recheck_delay(principal, self.recheck_s, self._wall())
         if not self._due or due < self._due[0][0]:
             self._changed.set()
         heapq.heappush(self._due, (due, sid))
@@ -234,20 +232,12 @@ class Rechecks:
                 self._running = False
 
     async def _recheck(self, sid: int) -> None:
-        from gatewayd.services.jwks import KeysUnavailable
-        from gatewayd.services.sessions import SessionsUnavailable
-
         sub, presented, principal = self._watched[sid]
-        try:
-            await self.authenticate(presented)
-        except TokenInvalid as exc:
+        refused = await recheck_credential(lambda: self.authenticate(presented), principal)
+        if refused is not None:
             if self._watched.pop(sid, None) is not None:  # not if the stream ended meanwhile
-                logger.info("stream credential of %s refused on recheck: %s", principal.subject, exc.code)
-                _credential_revoked(sub, exc.code)
+                _credential_revoked(sub, refused)
             return
-        except (KeysUnavailable, SessionsUnavailable, RateLimited) as exc:
-            # Not a definite no: the app or the issuer is down, or rechecks hit an API-key rate limit.
-            logger.warning("stream credential of %s could not be rechecked: %s", principal.subject, exc)
         if sid in self._watched:
             self._schedule(sid, principal)
 

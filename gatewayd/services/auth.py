@@ -17,7 +17,7 @@ session cookies. Query strings and bodies never carry credentials. Then
 Errors: :class:`TokenInvalid` (401), :class:`PermissionDenied` (403), :class:`RateLimited`
 (429), :class:`KeysUnavailable` / :class:`SessionsUnavailable` (503).
 
-:func:`watch_principal` rechecks the credential of a long-lived stream every ``recheck_s`` (and
+:func:`recheck_credential` rechecks the credential of a long-lived stream every ``recheck_s`` (and
 when it expires), so a revoked session or key ends the stream.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -170,34 +170,28 @@ class Authenticator:
         )
 
 
-async def watch_principal(
-    authenticate: Callable[[], object],
-    principal: Principal,
-    *,
-    recheck_s: float,
-    on_revoked: Callable[[str], None],
-    wall_clock: Callable[[], float] = time.time,
-) -> None:
-    """Recheck a stream's credential every ``recheck_s`` seconds, and once when it expires;
-    call ``on_revoked(reason)`` and return on the first refusal. Runs until cancelled.
+def recheck_delay(principal: Principal, recheck_s: float, now_wall: float) -> float:
+    """Seconds until a stream's credential is checked again: every ``recheck_s``, and once just
+    after the credential expires."""
+    if principal.expires_at is None:
+        return recheck_s
+    return min(recheck_s, max(0.0, principal.expires_at - now_wall) + 1.0)
 
-    ``authenticate`` is an async callable re-running the request's authentication.
-    Unavailability of the app or its keys (503) does not end the stream: only a definite no does.
-    """
+
+async def recheck_credential(
+    authenticate: Callable[[], Awaitable[object]], principal: Principal
+) -> str | None:
+    """Re-run a stream's authentication. Returns the refusal code when the answer is a definite no
+    (the stream must end), None otherwise. Unavailability of the app or its keys, or a rate limit on
+    rechecks, is not a no: the stream stays and is checked again later."""
     from gatewayd.services.jwks import KeysUnavailable
     from gatewayd.services.sessions import SessionsUnavailable
 
-    while True:
-        wait = recheck_s
-        if principal.expires_at is not None:
-            wait = min(wait, max(0.0, principal.expires_at - wall_clock()) + 1.0)
-        await trio.sleep(wait)
-        try:
-            await authenticate()  # type: ignore[misc]
-        except TokenInvalid as exc:
-            logger.info("stream credential of %s refused on recheck: %s", principal.subject, exc.code)
-            on_revoked(exc.code)
-            return
-        except (KeysUnavailable, SessionsUnavailable, RateLimited) as exc:
-            # Not a definite no (the app or the issuer is down, or rechecks hit a rate limit).
-            logger.warning("stream credential of %s could not be rechecked: %s", principal.subject, exc)
+    try:
+        await authenticate()
+    except TokenInvalid as exc:
+        logger.info("stream credential of %s refused on recheck: %s", principal.subject, exc.code)
+        return exc.code
+    except (KeysUnavailable, SessionsUnavailable, RateLimited) as exc:
+        logger.warning("stream credential of %s could not be rechecked: %s", principal.subject, exc)
+    return None

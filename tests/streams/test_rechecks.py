@@ -1,5 +1,5 @@
 """Credential rechecks of open native streams (``gatewayd.http.front.Rechecks``) on virtual time:
-the same rules as ``watch_principal``, scheduled from one task for all streams."""
+the rules of ``recheck_delay``/``recheck_credential``, scheduled from one task for all streams."""
 
 from __future__ import annotations
 
